@@ -1,0 +1,79 @@
+"""The one exception hierarchy of flexai-provisioner.
+
+Every message says what happened and what the user can do about it.
+"""
+
+from __future__ import annotations
+
+
+class FlexAIError(Exception):
+    """Base class of every error this package raises."""
+
+
+class ConfigurationError(FlexAIError):
+    """The provisioner, kernelspec or CLI was given settings that cannot work."""
+
+
+class PlatformError(FlexAIError):
+    """The platform API failed or answered something that is not the API."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PlatformUnreachableError(PlatformError):
+    """The platform API could not be reached at all."""
+
+
+class AuthenticationError(PlatformError):
+    """The API key is missing, wrong or revoked."""
+
+
+class InvalidRequestError(PlatformError):
+    """The platform rejected a request as malformed."""
+
+
+class UnknownGPUTypeError(PlatformError):
+    """The requested GPU type is not offered by the platform."""
+
+    def __init__(self, message: str, *, known: list[str], **kwargs: object):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.known = known
+
+
+class NoCapacityError(PlatformError):
+    """The GPU type exists but none is free right now."""
+
+    def __init__(self, message: str, *, available: list[str], **kwargs: object):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.available = available
+
+
+class NotFoundError(PlatformError):
+    """The instance does not exist (or belongs to someone else)."""
+
+
+class ProvisioningError(FlexAIError):
+    """The instance did not become usable."""
+
+
+class ProvisioningTimeoutError(ProvisioningError):
+    """The instance did not reach the running state in time."""
+
+
+class SSHError(FlexAIError):
+    """The SSH connection to the instance failed."""
+
+
+class HostKeyMismatchError(SSHError):
+    """The instance presented a host key other than the one the platform reported."""
+
+
+class SSHAuthenticationError(SSHError):
+    """The instance refused our key."""
+
+
+class KernelLaunchError(FlexAIError):
+    """ipykernel could not be started on the instance."""
