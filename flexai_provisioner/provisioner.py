@@ -1,0 +1,336 @@
+"""The kernel provisioner: a Jupyter kernel on a FlexAI GPU instance, reached over SSH.
+
+Lifecycle (see ``KernelProvisionerBase`` for the contract):
+
+- ``pre_launch``  first start only: provision an instance with a fresh key, wait for it to
+  run, connect over SSH and open five local ports; every start: write the connection file
+  that points jupyter_client at those ports.
+- ``launch_kernel`` start ipykernel on the instance and forward the local ports to it.
+- ``poll``/``send_signal``/``kill``/``terminate`` act on the remote kernel through its agent.
+- ``cleanup(restart=True)`` forgets the old kernel but keeps the instance; ``cleanup()``
+  deletes the instance.
+
+All network work runs in threads (:mod:`flexai_provisioner.session`); the event loop only
+awaits it. Any failure or cancellation during a first start deletes what was provisioned
+before the error propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Bool, Dict, Float, Integer, Unicode, default
+
+from .client import FlexAIClient
+from .errors import ConfigurationError, FlexAIError
+from .ledger import Ledger
+from .reaper import reap_orphans
+from .session import PORT_NAMES, InstanceSession, SessionSettings
+from .ssh import KeyPair, generate_keypair, load_private_key
+
+T = TypeVar("T")
+
+# Environment the kernel inherits from the local side; the rest of the local
+# environment (PATH, HOME, ...) belongs to this machine, not to the instance.
+FORWARDED_ENV = ("JPY_SESSION_NAME",)
+
+_reaped_urls: set[str] = set()  # stale-instance reaping runs once per process and API
+
+
+class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Runs the kernel on a FlexAI GPU instance of the kernelspec's GPU type."""
+
+    gpu_type = Unicode(help="GPU type to provision, e.g. 'A100' (set by the kernelspec).").tag(
+        config=True
+    )
+    gpu_count = Integer(1, help="GPUs per instance (1..8).").tag(config=True)
+    api_url = Unicode(
+        help="FlexAI API base URL. Defaults to the FLEXAI_API_URL environment variable."
+    ).tag(config=True)
+    api_key = Unicode(
+        help="FlexAI API key. Prefer the FLEXAI_API_KEY environment variable: "
+        "config files are easy to leak."
+    ).tag(config=True)
+    provision_timeout = Float(600.0, help="Seconds to wait for a new instance to be running.").tag(
+        config=True
+    )
+    launch_timeout = Float(
+        60.0, help="Seconds to wait for ipykernel to start on the instance."
+    ).tag(config=True)
+    ssh_connect_timeout = Float(
+        30.0, help="Seconds allowed for the TCP connect, SSH handshake and login."
+    ).tag(config=True)
+    ssh_keepalive_interval = Float(
+        5.0, help="Seconds between SSH keepalives; a link silent for 3 of them is dead."
+    ).tag(config=True)
+    reconnect_timeout = Float(
+        120.0,
+        help="Seconds to keep trying to reach an instance after its SSH connection dropped, "
+        "before the kernel is reported dead.",
+    ).tag(config=True)
+    delete_timeout = Float(
+        60.0, help="Seconds to wait for the platform to confirm an instance's deletion."
+    ).tag(config=True)
+    instance_ttl = Integer(
+        900,
+        help="Seconds the platform keeps an instance whose client stopped sending heartbeats "
+        "(0: no expiry). Heartbeats are sent every third of it.",
+    ).tag(config=True)
+    ssh_key_file = Unicode(
+        "",
+        help="Use this private key instead of a fresh per-kernel key "
+        "(its public half must be at <file>.pub or derivable).",
+    ).tag(config=True)
+    ssh_key_passphrase = Unicode("", help="Passphrase of ssh_key_file, if encrypted.").tag(
+        config=True
+    )
+    remote_python = Unicode(
+        "python3", help="Python on the instance that runs the small kernel agent."
+    ).tag(config=True)
+    labels = Dict(
+        value_trait=Unicode(), help="Extra platform labels for each instance (team, project)."
+    ).tag(config=True)
+    reap_orphans_at_start = Bool(
+        True, help="Delete this user's instances whose owning process died, at first start."
+    ).tag(config=True)
+
+    @default("api_url")
+    def _api_url_default(self) -> str:
+        return os.environ.get("FLEXAI_API_URL", "")
+
+    @default("api_key")
+    def _api_key_default(self) -> str:
+        return os.environ.get("FLEXAI_API_KEY", "")
+
+    _session: InstanceSession | None = None
+    _key_file: Path | None = None
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _phase(self, start: float) -> Callable[[str], None]:
+        def report(name: str) -> None:
+            self.log.info(
+                "FlexAI kernel %s: %s (%.1fs)", self.kernel_id, name, time.monotonic() - start
+            )
+
+        return report
+
+    def _settings(self) -> SessionSettings:
+        return SessionSettings(
+            provision_timeout=self.provision_timeout,
+            launch_timeout=self.launch_timeout,
+            connect_timeout=self.ssh_connect_timeout,
+            keepalive_interval=self.ssh_keepalive_interval,
+            reconnect_timeout=self.reconnect_timeout,
+            delete_timeout=self.delete_timeout,
+            instance_ttl=self.instance_ttl or None,
+            remote_python=self.remote_python,
+            labels=dict(self.labels),
+        )
+
+    def _check_config(self) -> None:
+        if not self.gpu_type:
+            raise ConfigurationError(
+                f"kernelspec {self.kernel_spec.display_name!r} names no GPU type: add "
+                '"gpu_type" to metadata.kernel_provisioner.config, or reinstall it with '
+                "`jupyter flexai install`"
+            )
+        if not 1 <= self.gpu_count <= 8:
+            raise ConfigurationError(f"gpu_count must be between 1 and 8, not {self.gpu_count}")
+
+    def _keypair(self) -> KeyPair:
+        if self.ssh_key_file:
+            return load_private_key(self.ssh_key_file, self.ssh_key_passphrase or None)
+        return generate_keypair(f"flexai-kernel-{self.kernel_id}")
+
+    def _save_key(self, key: KeyPair) -> None:
+        """Keep the per-kernel key in a 0600 runtime file, so a restarted server can reattach."""
+        path = Path(jupyter_runtime_dir()) / f"flexai-{self.kernel_id}.key"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_openssh)
+        self._key_file = path
+
+    def _remove_key(self) -> None:
+        if self._key_file is not None:
+            self._key_file.unlink(missing_ok=True)
+            self._key_file = None
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        kwargs = await super().pre_launch(**kwargs)
+        if self._session is None:
+            await self._bring_up()
+        assert self._session is not None and self._session.tunnel is not None
+        km = self.parent
+        km.transport = "tcp"
+        km.ip = "127.0.0.1"
+        for name, port in self._session.tunnel.local_ports.items():
+            setattr(km, name, port)
+        km.write_connection_file(jupyter_session=kwargs["env"].get("JPY_SESSION_NAME", ""))
+        self.connection_info = km.get_connection_info()
+        kwargs["cmd"] = list(self.kernel_spec.argv) + kwargs.pop("extra_arguments", [])
+        return kwargs
+
+    async def _bring_up(self) -> None:
+        """Provision, wait, connect; on any failure or cancellation delete what exists."""
+        self._check_config()
+        platform = FlexAIClient(self.api_url or None, self.api_key or None)
+        ledger = Ledger()
+        if self.reap_orphans_at_start and platform.api_url not in _reaped_urls:
+            _reaped_urls.add(platform.api_url)
+            await self._in_thread(self._reap, platform, ledger)
+        key = await self._in_thread(self._keypair)
+        session = InstanceSession(
+            platform, ledger, platform.api_url, key, self._settings(), self.log
+        )
+        self._session = session
+        phase = self._phase(time.monotonic())
+        try:
+            await self._in_thread(
+                session.provision, self.gpu_type, self.gpu_count, self.kernel_id, phase
+            )
+            await self._in_thread(session.connect, phase)
+            self._save_key(key)
+            phase("starting kernel")
+        except BaseException:
+            await self._teardown()
+            raise
+
+    def _reap(self, platform: FlexAIClient, ledger: Ledger) -> None:
+        try:
+            for item in reap_orphans(platform, ledger, platform.api_url):
+                self.log.warning(
+                    "deleted FlexAI instance %s of a kernel whose process died (%s)",
+                    item.instance_id,
+                    item.reason,
+                )
+        except FlexAIError as e:
+            self.log.warning("could not check for orphaned FlexAI instances: %s", e)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        assert self._session is not None
+        env = kwargs.get("env", {})
+        remote_env = {k: env[k] for k in (*self.kernel_spec.env, *FORWARDED_ENV) if k in env}
+        info = self.connection_info
+        connection = {
+            "key": info["key"].decode() if isinstance(info["key"], bytes) else info["key"],
+            "signature_scheme": info["signature_scheme"],
+            "kernel_name": info.get("kernel_name", ""),
+        }
+        try:
+            await self._in_thread(self._session.launch_kernel, cmd, connection, remote_env)
+        except BaseException:
+            if not self._session.kernel:
+                await self._teardown()
+            raise
+        self.log.info("FlexAI kernel %s: ready on instance %s", self.kernel_id, self.instance_id)
+        return self.connection_info
+
+    # -- running -------------------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> str | None:
+        s = self._session
+        return s.instance.id if s is not None and s.instance is not None else None
+
+    @property
+    def has_process(self) -> bool:
+        return self._session is not None and self._session.kernel is not None
+
+    async def poll(self) -> int | None:
+        if self._session is None:
+            return 0
+        return self._session.kernel_status()
+
+    async def wait(self) -> int | None:
+        while (status := await self.poll()) is None:
+            await asyncio.sleep(0.05)
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        session = self._session
+        if session is not None and session.kernel is not None and session.kernel.watching:
+            await self._in_thread(session.kernel.signal, signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return max(recommended, 5.0)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if self._session is None:
+            return
+        if restart:
+            await self._in_thread(self._session.stop_kernel)
+        else:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        session.cancel.set()  # let a blocked wait or reconnect return promptly
+        # Shielded: a second cancellation must not abandon a half-deleted instance.
+        await asyncio.shield(self._in_thread(session.teardown))
+        self._remove_key()
+
+    # -- persistence ---------------------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        s = self._session
+        if s is not None and s.instance is not None:
+            info["flexai"] = {
+                "instance_id": s.instance.id,
+                "api_url": s.api_url,
+                "request_key": s.request_key,
+                "key_file": str(self._key_file) if self._key_file else None,
+                "kernel": s.kernel
+                and {
+                    "pid": s.kernel.pid,
+                    "ports": s.kernel.ports,
+                    "workdir": s.kernel.workdir,
+                },
+            }
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        saved = provisioner_info.get("flexai")
+        if not saved or not saved.get("kernel") or not saved.get("key_file"):
+            raise ConfigurationError("provisioner info holds no FlexAI kernel to reattach to")
+        platform = FlexAIClient(saved["api_url"], self.api_key or None)
+        key = load_private_key(saved["key_file"])
+        session = InstanceSession(
+            platform, Ledger(), saved["api_url"], key, self._settings(), self.log
+        )
+        session.request_key = saved["request_key"]
+        k = saved["kernel"]
+        local_ports = {name: self.connection_info[name] for name in PORT_NAMES}
+        await self._in_thread(
+            session.reattach, saved["instance_id"], k["pid"], k["ports"], k["workdir"], local_ports
+        )
+        session.ledger.adopt(session.request_key)
+        self._session = session
+        self._key_file = Path(saved["key_file"])

@@ -1,0 +1,175 @@
+"""The kernel process on the instance, as seen through its agent's SSH channel.
+
+The agent (:mod:`flexai_provisioner.remote_agent`) starts or adopts the kernel and stays on
+a session channel, so liveness costs no round trip: the agent's exit report arrives in the
+channel's buffer, and :meth:`RemoteKernel.poll` only looks there. Signals travel as a line
+on the same channel. Keeping a session channel open also makes sshd set TCP_NODELAY on its
+side, which removes ~40 ms stalls from the forwarded kernel messages.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from importlib import resources
+
+import paramiko
+
+from .errors import KernelLaunchError
+from .ssh import SSHConnection
+
+UNKNOWN_EXIT = -1  # the kernel died while we were not watching; its status is lost
+
+
+def _agent_command(python: str, mode: str) -> str:
+    source = resources.files(__package__).joinpath("remote_agent.py").read_text()
+    return f"{shlex.quote(python)} -c {shlex.quote(source)} {mode}"
+
+
+class RemoteKernel:
+    """A kernel process on the instance and the agent channel watching it."""
+
+    def __init__(
+        self, chan: paramiko.Channel, pid: int, ports: dict[str, int], workdir: str, buf: bytes
+    ):
+        self.pid = pid
+        self.ports = ports
+        self.workdir = workdir
+        self._chan = chan
+        self._buf = buf
+        self.exit_status: int | None = None
+
+    @classmethod
+    def launch(
+        cls,
+        conn: SSHConnection,
+        *,
+        python: str,
+        argv: list[str],
+        connection: dict[str, object],
+        env: dict[str, str],
+        timeout: float,
+    ) -> RemoteKernel:
+        """Start ``argv`` on the instance with a connection file holding ``connection``.
+
+        The HMAC key travels on the channel's stdin, never on a command line.
+        """
+        spec = {"argv": argv, "env": env, "connection": connection, "timeout": timeout}
+        chan, first, rest = cls._start_agent(conn, python, "launch", spec, timeout)
+        if "error" in first:
+            chan.close()
+            raise KernelLaunchError(f"the instance could not start the kernel: {first['error']}")
+        workdir = first["connection_file"].rsplit("/", 1)[0]
+        return cls(chan, first["pid"], first["ports"], workdir, rest)
+
+    @classmethod
+    def attach(
+        cls,
+        conn: SSHConnection,
+        *,
+        python: str,
+        pid: int,
+        ports: dict[str, int],
+        workdir: str,
+        timeout: float,
+    ) -> RemoteKernel:
+        """Watch an already running kernel again (after a reconnect or a server restart)."""
+        spec = {"pid": pid, "workdir": workdir}
+        chan, first, rest = cls._start_agent(conn, python, "attach", spec, timeout)
+        kernel = cls(chan, pid, ports, workdir, rest)
+        if "exit" in first:
+            kernel.exit_status = UNKNOWN_EXIT
+        return kernel
+
+    @staticmethod
+    def _start_agent(
+        conn: SSHConnection, python: str, mode: str, spec: dict[str, object], timeout: float
+    ) -> tuple[paramiko.Channel, dict, bytes]:
+        chan = conn.exec(_agent_command(python, mode))
+        try:
+            chan.sendall(json.dumps(spec).encode() + b"\n")
+            line, rest = _read_line(chan, timeout)
+            if line is None:
+                err = _drain_stderr(chan)
+                status = chan.recv_exit_status() if chan.exit_status_ready() else None
+                raise KernelLaunchError(
+                    f"the kernel agent on the instance exited (status {status}) before "
+                    f"reporting: {err or 'no output'}; check that {python!r} exists there"
+                )
+            return chan, json.loads(line), rest
+        except BaseException:
+            chan.close()
+            raise
+
+    def poll(self) -> int | None:
+        """The kernel's exit status if the agent has reported one, without a round trip."""
+        if self.exit_status is None:
+            while self._chan.recv_ready():
+                self._buf += self._chan.recv(65536)
+            self._parse()
+        return self.exit_status
+
+    def _parse(self) -> None:
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "exit" in msg:
+                status = msg["exit"]
+                self.exit_status = UNKNOWN_EXIT if status is None else status
+
+    @property
+    def watching(self) -> bool:
+        """Whether the agent channel is still open (False after the connection dropped)."""
+        return not self._chan.closed and not self._chan.eof_received
+
+    def signal(self, signum: int) -> None:
+        """Signal the kernel's process group on the instance."""
+        self._chan.sendall(json.dumps({"signal": int(signum)}).encode() + b"\n")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Block until the agent reports the kernel's exit, the channel closes, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self.poll() is None and (remaining := deadline - time.monotonic()) > 0:
+                self._chan.settimeout(remaining)
+                data = self._chan.recv(65536)
+                if not data:
+                    break
+                self._buf += data
+                self._parse()
+        except TimeoutError:
+            pass
+        finally:
+            self._chan.settimeout(None)
+        return self.exit_status
+
+    def detach(self) -> None:
+        """Close the agent channel; the kernel itself keeps running."""
+        self._chan.close()
+
+
+def _read_line(chan: paramiko.Channel, timeout: float) -> tuple[bytes | None, bytes]:
+    chan.settimeout(timeout)
+    buf = b""
+    try:
+        while b"\n" not in buf:
+            data = chan.recv(65536)
+            if not data:
+                return None, b""
+            buf += data
+    except TimeoutError as e:
+        raise KernelLaunchError(
+            f"the kernel agent on the instance did not answer within {timeout:g}s"
+        ) from e
+    finally:
+        chan.settimeout(None)
+    line, rest = buf.split(b"\n", 1)
+    return line, rest
+
+
+def _drain_stderr(chan: paramiko.Channel) -> str:
+    out = b""
+    while chan.recv_stderr_ready():
+        out += chan.recv_stderr(65536)
+    return out.decode(errors="replace").strip()[-500:]

@@ -1,0 +1,361 @@
+"""One kernel's instance: provisioned, reached over SSH, forwarded, kept alive, torn down.
+
+:class:`InstanceSession` is the blocking half of the provisioner: every method may wait on
+the network and is called from a worker thread. It outlives kernel restarts (the instance,
+SSH connection and local ports are kept; only the remote kernel is replaced) and is torn
+down once, on shutdown or on any failure during start.
+
+A single supervisor thread per process serves every session: it notices dead SSH links
+(reconnecting with backoff, the kernel keeps running on the instance) and sends the
+platform heartbeats that keep an instance's time-to-live from expiring. It runs whether or
+not anyone drives the Jupyter event loop (``jupyter execute`` only runs it inside calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .client import wait_deleted, wait_running
+from .errors import FlexAIError, NotFoundError, PlatformError
+from .ledger import Ledger, owner_identity
+from .platform import Instance, InstanceState, Platform
+from .reaper import LABEL_KERNEL, LABEL_REQUEST, owner_labels
+from .remote_kernel import RemoteKernel
+from .ssh import KeyPair, SSHConnection, connect
+from .tunnel import Tunnel
+
+PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
+
+Phase = Callable[[str], None]
+
+
+@dataclass
+class SessionSettings:
+    """The knobs a session needs (the provisioner's traitlets, copied)."""
+
+    provision_timeout: float = 600.0
+    launch_timeout: float = 60.0
+    connect_timeout: float = 30.0
+    keepalive_interval: float = 5.0
+    reconnect_timeout: float = 120.0
+    delete_timeout: float = 60.0
+    instance_ttl: int | None = 900
+    remote_python: str = "python3"
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class InstanceSession:
+    """The instance behind one kernel, and everything that reaches it."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        ledger: Ledger,
+        api_url: str,
+        key: KeyPair,
+        settings: SessionSettings,
+        log: logging.Logger,
+    ):
+        self.platform = platform
+        self.ledger = ledger
+        self.api_url = api_url
+        self.key = key
+        self.settings = settings
+        self.log = log
+        self.request_key = str(uuid.uuid4())
+        self.instance: Instance | None = None
+        self.conn: SSHConnection | None = None
+        self.tunnel: Tunnel | None = None
+        self.kernel: RemoteKernel | None = None
+        self.lost_reason: str | None = None  # set when the instance cannot be reached again
+        self.cancel = threading.Event()  # set to abandon a start or a reconnect
+        self._reconnecting = False
+        self._next_heartbeat = 0.0
+        self._closed = False
+
+    # -- start ---------------------------------------------------------------------------
+
+    def provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
+        """Create the instance and wait until it runs. The ledger knows it before the POST."""
+        phase("requesting")
+        self.ledger.record_request(self.request_key, self.api_url, kernel_id, gpu_type)
+        labels = {
+            **self.settings.labels,
+            LABEL_KERNEL: kernel_id,
+            LABEL_REQUEST: self.request_key,
+            **owner_labels(*owner_identity()),
+        }
+        self.instance = self.platform.provision(
+            gpu_type,
+            gpu_count=gpu_count,
+            ssh_public_key=self.key.public_openssh,
+            labels=labels,
+            ttl_seconds=self.settings.instance_ttl,
+            idempotency_key=self.request_key,
+        )
+        self.ledger.record_instance(self.request_key, self.instance.id)
+        self.log.info(
+            "FlexAI instance %s requested (%s x%d)", self.instance.id, gpu_type, gpu_count
+        )
+        Supervisor.instance().add(self)
+
+        def on_state(inst: Instance) -> None:
+            if inst.state is InstanceState.PENDING:
+                phase("queued")
+            elif inst.state is InstanceState.PROVISIONING:
+                phase("booting")
+
+        self.instance = wait_running(
+            self.platform,
+            self.instance.id,
+            self.settings.provision_timeout,
+            on_state=on_state,
+            cancel=self.cancel,
+        )
+
+    def connect(self, phase: Phase) -> None:
+        """Open the SSH connection and the local ports the kernel will be reached on."""
+        phase("connecting")
+        self.conn = self._connect()
+        self.tunnel = Tunnel(PORT_NAMES)
+
+    def _connect(self) -> SSHConnection:
+        assert self.instance is not None and self.instance.ssh is not None
+        return connect(
+            self.instance.ssh,
+            self.key,
+            connect_timeout=self.settings.connect_timeout,
+            keepalive_interval=self.settings.keepalive_interval,
+        )
+
+    def launch_kernel(
+        self, argv: list[str], connection: dict[str, object], env: dict[str, str]
+    ) -> RemoteKernel:
+        """Start a kernel on the instance and point the local ports at it."""
+        assert self.conn is not None and self.tunnel is not None
+        self.kernel = RemoteKernel.launch(
+            self.conn,
+            python=self.settings.remote_python,
+            argv=argv,
+            connection=connection,
+            env=env,
+            timeout=self.settings.launch_timeout,
+        )
+        self.tunnel.retarget(self.conn.transport, self.kernel.ports)
+        return self.kernel
+
+    def reattach(
+        self,
+        instance_id: str,
+        pid: int,
+        ports: dict[str, int],
+        workdir: str,
+        local_ports: dict[str, int],
+    ) -> None:
+        """Take over a kernel another process started (server restart with persisted info)."""
+        self.instance = self.platform.get_instance(instance_id)
+        if self.instance.state is not InstanceState.RUNNING or self.instance.ssh is None:
+            raise FlexAIError(f"instance {instance_id} is {self.instance.state.value}, not running")
+        Supervisor.instance().add(self)
+        self.conn = self._connect()
+        self.tunnel = Tunnel(PORT_NAMES, local_ports)
+        self._attach(pid, ports, workdir)
+
+    def _attach(self, pid: int, ports: dict[str, int], workdir: str) -> None:
+        assert self.conn is not None and self.tunnel is not None
+        self.kernel = RemoteKernel.attach(
+            self.conn,
+            python=self.settings.remote_python,
+            pid=pid,
+            ports=ports,
+            workdir=workdir,
+            timeout=self.settings.launch_timeout,
+        )
+        self.tunnel.retarget(self.conn.transport, ports)
+
+    # -- running -------------------------------------------------------------------------
+
+    def kernel_status(self) -> int | None:
+        """The kernel's exit status, or None while it runs (or while we reconnect to it)."""
+        if self.lost_reason is not None:
+            return 1
+        if self.kernel is None:
+            return 0
+        return self.kernel.poll()
+
+    def tick(self, now: float) -> None:
+        """Supervisor work: reconnect a dead link, send a due heartbeat. Must not block."""
+        if self._closed or self.instance is None:
+            return
+        ttl = self.settings.instance_ttl
+        if ttl and now >= self._next_heartbeat:
+            self._next_heartbeat = now + max(1.0, ttl / 3)
+            Supervisor.instance().submit(self._heartbeat)
+        if (
+            self.conn is not None
+            and not self.conn.is_active()
+            and not self._reconnecting
+            and self.lost_reason is None
+        ):
+            self._reconnecting = True
+            Supervisor.instance().submit(self._reconnect)
+
+    def _heartbeat(self) -> None:
+        assert self.instance is not None
+        try:
+            self.platform.heartbeat(self.instance.id)
+        except PlatformError as e:
+            self.log.warning("heartbeat for instance %s failed: %s", self.instance.id, e)
+
+    def _reconnect(self) -> None:
+        """Reach the instance again and re-adopt the kernel, with backoff, until a deadline."""
+        assert self.instance is not None
+        kernel = self.kernel
+        self.log.warning("SSH connection to instance %s lost; reconnecting", self.instance.id)
+        deadline = time.monotonic() + self.settings.reconnect_timeout
+        delay = 0.2
+        last_error: Exception | None = None
+        try:
+            while not self.cancel.is_set() and not self._closed:
+                try:
+                    self.instance = self.platform.get_instance(self.instance.id)
+                    if self.instance.state is not InstanceState.RUNNING:
+                        self.lost_reason = (
+                            f"instance {self.instance.id} is {self.instance.state.value}"
+                            f"{': ' + self.instance.message if self.instance.message else ''}"
+                        )
+                        break
+                    conn = self._connect()
+                    old, self.conn = self.conn, conn
+                    if old is not None:
+                        old.close()
+                    if kernel is not None:
+                        self._attach(kernel.pid, kernel.ports, kernel.workdir)
+                    self.log.info("reconnected to instance %s", self.instance.id)
+                    return
+                except (FlexAIError, OSError) as e:
+                    last_error = e
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.lost_reason = (
+                        f"instance {self.instance.id} unreachable for "
+                        f"{self.settings.reconnect_timeout:g} s ({last_error}); raise "
+                        "c.FlexAIProvisioner.reconnect_timeout to wait longer"
+                    )
+                    break
+                self.cancel.wait(min(remaining, delay * (1 + random.random())))
+                delay = min(delay * 2, 5.0)
+            if self.lost_reason:
+                self.log.error("kernel on FlexAI is lost: %s", self.lost_reason)
+        finally:
+            self._reconnecting = False
+
+    # -- stop ----------------------------------------------------------------------------
+
+    def stop_kernel(self, timeout: float = 5.0) -> None:
+        """Forget the current remote kernel after making sure it has exited."""
+        kernel, self.kernel = self.kernel, None
+        if kernel is None:
+            return
+        if kernel.poll() is None and kernel.watching:
+            kernel.signal(9)
+            kernel.wait_exit(timeout)
+        kernel.detach()
+
+    def teardown(self) -> None:
+        """Delete the instance and release everything local. Safe to call more than once."""
+        self.cancel.set()
+        if self._closed:
+            return
+        self._closed = True
+        Supervisor.instance().remove(self)
+        if self.kernel is not None:
+            self.kernel.detach()
+            self.kernel = None
+        if self.tunnel is not None:
+            self.tunnel.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.delete_instance()
+
+    def delete_instance(self) -> None:
+        if self.instance is None:
+            # The POST may have created it without our hearing back: ask by request label.
+            try:
+                found = self.platform.list_instances({LABEL_REQUEST: self.request_key})
+            except PlatformError as e:
+                self.log.error(
+                    "cannot check for an instance of request %s: %s", self.request_key, e
+                )
+                return
+            if not found:
+                self.ledger.mark_deleted(self.request_key)
+                return
+            self.instance = found[0]
+        instance_id = self.instance.id
+        try:
+            gone = self.platform.delete_instance(instance_id)
+            if gone.state is not InstanceState.DELETED:
+                wait_deleted(self.platform, instance_id, self.settings.delete_timeout)
+        except NotFoundError:
+            pass
+        except PlatformError as e:
+            self.log.error(
+                "could not delete FlexAI instance %s: %s; `jupyter flexai gc` will retry",
+                instance_id,
+                e,
+            )
+            return
+        self.ledger.mark_deleted(self.request_key)
+        self.log.info("FlexAI instance %s deleted", instance_id)
+
+
+class Supervisor:
+    """The one thread per process that keeps every session's link and lease alive."""
+
+    _instance: Supervisor | None = None
+    _lock = threading.Lock()
+    INTERVAL = 0.5
+
+    @classmethod
+    def instance(cls) -> Supervisor:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self) -> None:
+        self._sessions: set[InstanceSession] = set()
+        self._sessions_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexai-supervisor")
+        threading.Thread(target=self._run, name="flexai-supervisor", daemon=True).start()
+
+    def add(self, session: InstanceSession) -> None:
+        with self._sessions_lock:
+            self._sessions.add(session)
+
+    def remove(self, session: InstanceSession) -> None:
+        with self._sessions_lock:
+            self._sessions.discard(session)
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._pool.submit(fn)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.INTERVAL)
+            with self._sessions_lock:
+                sessions = list(self._sessions)
+            now = time.monotonic()
+            for session in sessions:
+                try:
+                    session.tick(now)
+                except Exception:
+                    session.log.exception("FlexAI supervisor tick failed")
