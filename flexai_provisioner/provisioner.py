@@ -34,7 +34,7 @@ from .client import FlexAIClient
 from .errors import ConfigurationError, FlexAIError
 from .ledger import Ledger
 from .reaper import reap_orphans
-from .session import PORT_NAMES, InstanceSession, SessionSettings
+from .session import PORT_NAMES, InstanceSession, SessionSettings, Supervisor
 from .ssh import KeyPair, generate_keypair, load_private_key
 
 T = TypeVar("T")
@@ -42,8 +42,6 @@ T = TypeVar("T")
 # Environment the kernel inherits from the local side; the rest of the local
 # environment (PATH, HOME, ...) belongs to this machine, not to the instance.
 FORWARDED_ENV = ("JPY_SESSION_NAME",)
-
-_reaped_urls: set[str] = set()  # stale-instance reaping runs once per process and API
 
 
 class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -100,7 +98,9 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         value_trait=Unicode(), help="Extra platform labels for each instance (team, project)."
     ).tag(config=True)
     reap_orphans_at_start = Bool(
-        True, help="Delete this user's instances whose owning process died, at first start."
+        True,
+        help="At each new kernel's start, delete this user's instances whose owning "
+        "process died (what `jupyter flexai gc` does).",
     ).tag(config=True)
 
     @default("api_url")
@@ -191,9 +191,9 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._check_config()
         platform = FlexAIClient(self.api_url or None, self.api_key or None)
         ledger = Ledger()
-        if self.reap_orphans_at_start and platform.api_url not in _reaped_urls:
-            _reaped_urls.add(platform.api_url)
-            await self._in_thread(self._reap, platform, ledger)
+        if self.reap_orphans_at_start:
+            # In the background: an orphan's deletion must not delay this kernel's start.
+            Supervisor.instance().submit(lambda: self._reap(platform, ledger))
         key = await self._in_thread(self._keypair)
         session = InstanceSession(
             platform, ledger, platform.api_url, key, self._settings(), self.log
@@ -247,6 +247,22 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def instance_id(self) -> str | None:
         s = self._session
         return s.instance.id if s is not None and s.instance is not None else None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the SSH link to the instance is up (False while reconnecting)."""
+        return self._session is not None and self._session.connected
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the instance could not be reached again, once the provisioner gave up."""
+        return self._session.lost_reason if self._session is not None else None
+
+    @property
+    def remote_pid(self) -> int | None:
+        """The kernel's process id on the instance."""
+        s = self._session
+        return s.kernel.pid if s is not None and s.kernel is not None else None
 
     @property
     def has_process(self) -> bool:
@@ -333,4 +349,6 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
         session.ledger.adopt(session.request_key)
         self._session = session
+        assert session.tunnel is not None
+        self.connection_info = {**self.connection_info, **session.tunnel.local_ports}
         self._key_file = Path(saved["key_file"])

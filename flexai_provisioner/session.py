@@ -22,8 +22,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import paramiko
+
 from .client import wait_deleted, wait_running
-from .errors import FlexAIError, NotFoundError, PlatformError
+from .errors import FlexAIError, NotFoundError, PlatformError, ProvisioningError
 from .ledger import Ledger, owner_identity
 from .platform import Instance, InstanceState, Platform
 from .reaper import LABEL_KERNEL, LABEL_REQUEST, owner_labels
@@ -79,11 +81,20 @@ class InstanceSession:
         self._reconnecting = False
         self._next_heartbeat = 0.0
         self._closed = False
+        # Held while a start step runs, so teardown waits for an in-flight POST or SSH
+        # connect to land (and then deletes what it made) instead of racing it.
+        self._starting = threading.Lock()
 
     # -- start ---------------------------------------------------------------------------
 
     def provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
         """Create the instance and wait until it runs. The ledger knows it before the POST."""
+        with self._starting:
+            self._provision(gpu_type, gpu_count, kernel_id, phase)
+
+    def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
+        if self.cancel.is_set():
+            raise ProvisioningError("kernel start cancelled")
         phase("requesting")
         self.ledger.record_request(self.request_key, self.api_url, kernel_id, gpu_type)
         labels = {
@@ -123,8 +134,11 @@ class InstanceSession:
     def connect(self, phase: Phase) -> None:
         """Open the SSH connection and the local ports the kernel will be reached on."""
         phase("connecting")
-        self.conn = self._connect()
-        self.tunnel = Tunnel(PORT_NAMES)
+        with self._starting:
+            if self.cancel.is_set():
+                raise ProvisioningError("kernel start cancelled")
+            self.conn = self._connect()
+            self.tunnel = Tunnel(PORT_NAMES)
 
     def _connect(self) -> SSHConnection:
         assert self.instance is not None and self.instance.ssh is not None
@@ -182,6 +196,10 @@ class InstanceSession:
 
     # -- running -------------------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and self.conn.is_active() and not self._reconnecting
+
     def kernel_status(self) -> int | None:
         """The kernel's exit status, or None while it runs (or while we reconnect to it)."""
         if self.lost_reason is not None:
@@ -205,6 +223,8 @@ class InstanceSession:
             and self.lost_reason is None
         ):
             self._reconnecting = True
+            if self.tunnel is not None:
+                self.tunnel.disconnect()
             Supervisor.instance().submit(self._reconnect)
 
     def _heartbeat(self) -> None:
@@ -240,7 +260,7 @@ class InstanceSession:
                         self._attach(kernel.pid, kernel.ports, kernel.workdir)
                     self.log.info("reconnected to instance %s", self.instance.id)
                     return
-                except (FlexAIError, OSError) as e:
+                except (FlexAIError, OSError, paramiko.SSHException, EOFError) as e:
                     last_error = e
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -272,9 +292,10 @@ class InstanceSession:
     def teardown(self) -> None:
         """Delete the instance and release everything local. Safe to call more than once."""
         self.cancel.set()
-        if self._closed:
-            return
-        self._closed = True
+        with self._starting:
+            if self._closed:
+                return
+            self._closed = True
         Supervisor.instance().remove(self)
         if self.kernel is not None:
             self.kernel.detach()

@@ -59,7 +59,7 @@ def load_private_key(path: str, passphrase: str | None = None) -> KeyPair:
     """Load a user-configured private key (any type paramiko reads)."""
     try:
         pem = Path(path).expanduser().read_bytes()
-        pkey = paramiko.PKey.from_path(path, passphrase=passphrase.encode() if passphrase else None)
+        pkey = paramiko.PKey.from_path(path, password=passphrase)
     except paramiko.PasswordRequiredException as e:
         raise SSHError(
             f"SSH key {path} is encrypted: set c.FlexAIProvisioner.ssh_key_passphrase "

@@ -97,7 +97,10 @@ class Forwarder:
         with self._lock:
             calls, self._calls = self._calls, []
         for fn in calls:
-            fn()
+            try:
+                fn()
+            except Exception:
+                log.exception("port forward bookkeeping failed")
 
     # -- relaying (relay thread only) --------------------------------------------------
 
@@ -244,7 +247,12 @@ class Tunnel:
         self.local_ports: dict[str, int] = {}
         for name in names:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", (ports or {}).get(name, 0)))
+            # Reclaiming a dead server's ports must not fail on its TIME_WAIT leftovers.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", (ports or {}).get(name, 0)))
+            except OSError:  # taken by someone else meanwhile: any port will do
+                sock.bind(("127.0.0.1", 0))
             sock.listen(16)
             sock.setblocking(False)
             self._listeners[name] = sock
@@ -256,6 +264,14 @@ class Tunnel:
         """Send new connections to these ports via this transport; drop the old ones."""
         self._transport = transport
         self._targets = dict(remote_ports)
+        self._fwd.call(self._drop_pipes)
+
+    def disconnect(self) -> None:
+        """The transport died: close relayed connections now, so clients notice and wait.
+
+        Until :meth:`retarget` supplies a new transport, new connections are refused.
+        """
+        self._transport = None
         self._fwd.call(self._drop_pipes)
 
     def close(self) -> None:

@@ -24,32 +24,9 @@ from flexai_provisioner.errors import (
     SSHError,
     UnknownGPUTypeError,
 )
-from flexai_provisioner.kernelspecs import kernelspec_dict
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 JUPYTER = str(Path(sys.executable).with_name("jupyter"))
-
-
-class Kernelspecs:
-    """A private kernelspec directory (on JUPYTER_PATH) holding FlexAI kernelspecs."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.add("flexai-a100", {})
-
-    def add(self, name: str, config: dict[str, object], gpu_type: str = "A100") -> None:
-        spec = kernelspec_dict(gpu_type)
-        spec["metadata"]["kernel_provisioner"]["config"].update(config)
-        directory = self.root / "kernels" / name
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "kernel.json").write_text(json.dumps(spec))
-
-
-@pytest.fixture
-def kernelspecs(flexai_env, tmp_path, monkeypatch) -> Kernelspecs:
-    root = tmp_path / "jupyter-path"
-    monkeypatch.setenv("JUPYTER_PATH", str(root))
-    return Kernelspecs(root)
 
 
 def notebook(*sources: str) -> nbformat.NotebookNode:

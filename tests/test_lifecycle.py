@@ -1,0 +1,360 @@
+"""Every path of a remote kernel's life, with faults injected into real processes.
+
+Restart and interrupt, a remote kernel that dies, an SSH link that drops, starts that are
+cancelled or hit platform fault storms, an owner killed with SIGKILL, and a server that
+reattaches from persisted provisioner info. The autouse ``no_leaks`` fixture checks after
+each test that no instance and no instance process is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+from traitlets.config import Config
+
+from flexai_provisioner.client import FlexAIClient
+
+JUPYTER_FLEXAI = str(Path(sys.executable).with_name("jupyter-flexai"))
+
+
+async def run(kc, code: str, timeout: float = 30) -> tuple[dict, str]:
+    """Execute ``code``; return the reply content and the stdout it printed."""
+    out: list[str] = []
+
+    def hook(msg: dict) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+
+    reply = await kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+    return reply["content"], "".join(out)
+
+
+async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+async def kernel(kernelspecs) -> AsyncIterator[tuple[AsyncKernelManager, object]]:
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+@pytest.mark.parametrize("now", [False, True], ids=["graceful", "now"])
+async def test_restart_reuses_the_instance(emulator, kernel, now):
+    km, kc = kernel
+    instance_id, pid = km.provisioner.instance_id, km.provisioner.remote_pid
+    await run(kc, "x = 41")
+    started = time.monotonic()
+    await km.restart_kernel(now=now)
+    await kc.wait_for_ready(timeout=60)
+    elapsed = time.monotonic() - started
+    assert km.provisioner.instance_id == instance_id
+    assert emulator.live_instances() == [instance_id]
+    assert km.provisioner.remote_pid != pid
+    assert not pid_alive(pid)
+    reply, _ = await run(kc, "x")
+    assert reply["status"] == "error" and reply["ename"] == "NameError"
+    assert elapsed < 20, f"restart took {elapsed:.1f}s: it must not re-provision"
+
+
+@pytest.mark.parametrize("mode", ["signal", "message"])
+async def test_interrupt_stops_a_long_cell_and_keeps_state(emulator, kernelspecs, mode):
+    kernelspecs.add(f"flexai-int-{mode}", {}, interrupt_mode=mode)
+    km = AsyncKernelManager(kernel_name=f"flexai-int-{mode}")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        await run(kc, "y = 7")
+        msg_id = kc.execute("import time; time.sleep(600)")
+        while True:  # interrupt only once the cell really runs
+            msg = await kc.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+                break
+        started = time.monotonic()
+        await km.interrupt_kernel()
+        reply = await kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - started < 10
+        _, out = await run(kc, "print(y)")
+        assert out.strip() == "7"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def test_dead_remote_kernel_is_restarted_on_the_same_instance(emulator, kernelspecs):
+    config = Config({"KernelRestarter": {"time_to_dead": 0.5}})
+    km = AsyncIOLoopKernelManager(kernel_name="flexai-a100", config=config)
+    await km.start_kernel()
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")  # only possible once started
+    try:
+        instance_id, pid = km.provisioner.instance_id, km.provisioner.remote_pid
+        os.kill(pid, signal.SIGKILL)  # the "instance" is this machine: an OOM kill, say
+        await asyncio.wait_for(restarted.wait(), 60)
+        await until(lambda: km.provisioner.remote_pid not in (None, pid), 60, "a new kernel")
+        assert km.provisioner.instance_id == instance_id
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        _, out = await run(kc, "print('back')")
+        assert out.strip() == "back"
+        kc.stop_channels()
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+def ssh_connection_processes(emulator) -> list[int]:
+    """sshd's per-connection processes (``sshd: user@notty``) of the emulator's instances."""
+    found = []
+    for pid in emulator.processes():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"sshd: ") and b"@" in cmdline:
+            found.append(pid)
+    return found
+
+
+async def test_dropped_ssh_connection_is_survived(emulator, kernelspecs, caplog):
+    kernelspecs.add("flexai-keepalive", {"ssh_keepalive_interval": 1.0})
+    km = AsyncKernelManager(kernel_name="flexai-keepalive")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        await run(kc, "z = 99")
+        pid = km.provisioner.remote_pid
+        conns = ssh_connection_processes(emulator)
+        assert conns, "no sshd connection process found"
+        for conn_pid in conns:
+            os.kill(conn_pid, signal.SIGKILL)
+        await until(lambda: not km.provisioner.connected, 10, "the drop to be noticed")
+        await until(lambda: km.provisioner.connected, 30, "the reconnection")
+        # The same client carries on. Its ZeroMQ sockets reconnect on their own, iopub
+        # last (a SUB socket must resubscribe), so output may miss a first attempt.
+        for _attempt in range(10):
+            try:
+                _, out = await run(kc, "print(z)", timeout=3)
+                break
+            except TimeoutError:
+                continue
+        assert out.strip() == "99"
+        assert km.provisioner.remote_pid == pid
+        assert await km.is_alive()
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def test_unreachable_instance_is_reported_dead(emulator, kernelspecs):
+    kernelspecs.add("flexai-short", {"reconnect_timeout": 1.0, "ssh_keepalive_interval": 1.0})
+    km = AsyncKernelManager(kernel_name="flexai-short")
+    await km.start_kernel()
+    try:
+        victims = [
+            pid
+            for pid in emulator.processes()
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd")
+        ]
+        for pid in victims:  # listener and connection: the instance's network is gone
+            os.kill(pid, signal.SIGKILL)
+        await until(lambda: km.provisioner.lost_reason, 30, "the kernel to be given up")
+        assert not await km.is_alive()
+        assert "unreachable" in km.provisioner.lost_reason
+        assert "reconnect_timeout" in km.provisioner.lost_reason
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_cancelled_start_deletes_the_instance(emulator, kernelspecs):
+    emulator.update_faults(provision_delay=30)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    task = asyncio.ensure_future(km.start_kernel())
+    await until(emulator.live_instances, 30, "the instance to be requested")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert emulator.live_instances() == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"fail_next": 3, "fail_status": 503},
+        {"fail_next": 3, "fail_status": 429},
+        {"fail_next": 2, "fail_status": 500},
+        {"error_after_create": 1},
+    ],
+    ids=["503-storm", "429-storm", "500-storm", "500-after-create"],
+)
+async def test_platform_faults_are_retried_into_one_instance(emulator, kernelspecs, api_key, fault):
+    emulator.update_faults(**fault)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    await km.start_kernel()
+    try:
+        client = FlexAIClient(emulator.url, api_key)
+        instances = client.list_instances({"flexai.kernel_id": km.kernel_id})
+        assert [i.id for i in instances] == [km.provisioner.instance_id]
+        assert emulator.live_instances() == [km.provisioner.instance_id]
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+OWNER = textwrap.dedent(
+    """
+    import json, sys, time
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name=sys.argv[1])
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    kc.execute_interactive("w = 123", timeout=30)
+    print(json.dumps({"instance": km.provisioner.instance_id}), flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def start_owner(kernel_name: str) -> tuple[subprocess.Popen[str], str]:
+    """A process that starts a FlexAI kernel and then hangs, waiting to be killed."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, kernel_name], stdout=subprocess.PIPE, text=True
+    )
+    line = owner.stdout.readline()
+    if not line:
+        owner.wait()
+        pytest.fail("the owner process failed to start its kernel")
+    return owner, json.loads(line)["instance"]
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+async def test_gc_deletes_the_instance_of_a_killed_owner(emulator, kernelspecs):
+    owner, instance_id = start_owner("flexai-a100")
+    kill(owner)
+    assert emulator.live_instances() == [instance_id]
+    dry = subprocess.run(
+        [JUPYTER_FLEXAI, "gc", "--dry-run"], capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert instance_id in dry.stdout
+    assert emulator.live_instances() == [instance_id]
+    done = subprocess.run([JUPYTER_FLEXAI, "gc"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert instance_id in done.stdout
+    assert emulator.live_instances() == []
+
+
+async def test_new_kernel_reaps_the_instance_of_a_killed_owner(emulator, kernelspecs):
+    owner, orphan = start_owner("flexai-a100")
+    kill(owner)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    await km.start_kernel()
+    try:
+        await until(lambda: orphan not in emulator.live_instances(), 30, "the orphan's deletion")
+        assert emulator.live_instances() == [km.provisioner.instance_id]
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_platform_expires_the_instance_of_a_killed_owner(emulator, kernelspecs):
+    kernelspecs.add("flexai-ttl", {"instance_ttl": 3, "reap_orphans_at_start": False})
+    owner, instance_id = start_owner("flexai-ttl")
+    try:
+        alive_until = time.monotonic() + 5  # heartbeats (every 1 s) outlast the 3 s TTL
+        await until(lambda: time.monotonic() > alive_until, 10, "two TTLs to pass")
+        assert emulator.live_instances() == [instance_id]
+    finally:
+        kill(owner)
+    await until(lambda: not emulator.live_instances(), 15, "the platform to expire it")
+
+
+REATTACH_OWNER = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def main():
+        km = AsyncKernelManager(kernel_name="flexai-a100")
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        await kc.execute_interactive("w = 123", timeout=30)
+        info = await km.provisioner.get_provisioner_info()
+        info["connection_info"]["key"] = info["connection_info"]["key"].decode()
+        print(json.dumps(info), flush=True)
+        os._exit(0)  # die like a server that crashed: no shutdown, no cleanup
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_reattach_from_provisioner_info_runs_in_the_same_kernel(emulator, kernelspecs):
+    owner = subprocess.run(
+        [sys.executable, "-c", REATTACH_OWNER], capture_output=True, text=True, timeout=120
+    )
+    assert owner.returncode == 0, owner.stderr
+    info = json.loads(owner.stdout)
+    info["connection_info"]["key"] = info["connection_info"]["key"].encode()
+    km = AsyncKernelManager(kernel_name="flexai-a100", kernel_id=info["kernel_id"])
+    try:
+        km.load_connection_info(info["connection_info"])
+        km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            info["kernel_id"], km.kernel_spec, parent=km
+        )
+        await km.provisioner.load_provisioner_info(info)
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        _, out = await run(kc, "print(w)")
+        assert out.strip() == "123"
+        kc.stop_channels()
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert emulator.live_instances() == []
