@@ -9,6 +9,7 @@ each test that no instance and no instance process is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -58,18 +59,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture
-async def kernel(kernelspecs) -> AsyncIterator[tuple[AsyncKernelManager, object]]:
-    km = AsyncKernelManager(kernel_name="flexai-a100")
+@contextlib.asynccontextmanager
+async def started(km: AsyncKernelManager) -> AsyncIterator[object]:
+    """Start ``km``'s kernel and yield a ready client; shut everything down afterwards."""
     await km.start_kernel()
     kc = km.client()
     kc.start_channels()
     try:
         await kc.wait_for_ready(timeout=60)
-        yield km, kc
+        yield kc
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+async def kernel(kernelspecs) -> AsyncIterator[tuple[AsyncKernelManager, object]]:
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    async with started(km) as kc:
+        yield km, kc
 
 
 @pytest.mark.parametrize("now", [False, True], ids=["graceful", "now"])
@@ -77,10 +85,10 @@ async def test_restart_reuses_the_instance(emulator, kernel, now):
     km, kc = kernel
     instance_id, pid = km.provisioner.instance_id, km.provisioner.remote_pid
     await run(kc, "x = 41")
-    started = time.monotonic()
+    restarted_at = time.monotonic()
     await km.restart_kernel(now=now)
     await kc.wait_for_ready(timeout=60)
-    elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - restarted_at
     assert km.provisioner.instance_id == instance_id
     assert emulator.live_instances() == [instance_id]
     assert km.provisioner.remote_pid != pid
@@ -94,28 +102,21 @@ async def test_restart_reuses_the_instance(emulator, kernel, now):
 async def test_interrupt_stops_a_long_cell_and_keeps_state(emulator, kernelspecs, mode):
     kernelspecs.add(f"flexai-int-{mode}", {}, interrupt_mode=mode)
     km = AsyncKernelManager(kernel_name=f"flexai-int-{mode}")
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=60)
+    async with started(km) as kc:
         await run(kc, "y = 7")
         msg_id = kc.execute("import time; time.sleep(600)")
         while True:  # interrupt only once the cell really runs
             msg = await kc.get_iopub_msg(timeout=30)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
                 break
-        started = time.monotonic()
+        interrupted_at = time.monotonic()
         await km.interrupt_kernel()
         reply = await kc.get_shell_msg(timeout=30)
         assert reply["parent_header"]["msg_id"] == msg_id
         assert reply["content"]["ename"] == "KeyboardInterrupt"
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - interrupted_at < 10
         _, out = await run(kc, "print(y)")
         assert out.strip() == "7"
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
 
 
 async def test_dead_remote_kernel_is_restarted_on_the_same_instance(emulator, kernelspecs):
@@ -156,11 +157,7 @@ def ssh_connection_processes(emulator) -> list[int]:
 async def test_dropped_ssh_connection_is_survived(emulator, kernelspecs, caplog):
     kernelspecs.add("flexai-keepalive", {"ssh_keepalive_interval": 1.0})
     km = AsyncKernelManager(kernel_name="flexai-keepalive")
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=60)
+    async with started(km) as kc:
         await run(kc, "z = 99")
         pid = km.provisioner.remote_pid
         conns = ssh_connection_processes(emulator)
@@ -180,9 +177,6 @@ async def test_dropped_ssh_connection_is_survived(emulator, kernelspecs, caplog)
         assert out.strip() == "99"
         assert km.provisioner.remote_pid == pid
         assert await km.is_alive()
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
 
 
 async def test_unreachable_instance_is_reported_dead(emulator, kernelspecs):
