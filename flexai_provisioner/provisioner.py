@@ -153,7 +153,12 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return generate_keypair(f"flexai-kernel-{self.kernel_id}")
 
     def _save_key(self, key: KeyPair) -> None:
-        """Keep the per-kernel key in a 0600 runtime file, so a restarted server can reattach."""
+        """Keep the per-kernel key in a 0600 runtime file, so a restarted server can reattach.
+
+        A user's own key (``ssh_key_file``) is never copied: reattaching reads it again.
+        """
+        if self.ssh_key_file:
+            return
         path = Path(jupyter_runtime_dir()) / f"flexai-{self.kernel_id}.key"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -235,8 +240,8 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         try:
             await self._in_thread(self._session.launch_kernel, cmd, connection, remote_env)
         except BaseException:
-            if not self._session.kernel:
-                await self._teardown()
+            # No kernel, so nothing is worth the instance's price: a later start provisions anew.
+            await self._teardown()
             raise
         self.log.info("FlexAI kernel %s: ready on instance %s", self.kernel_id, self.instance_id)
         return self.connection_info
@@ -321,7 +326,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 "instance_id": s.instance.id,
                 "api_url": s.api_url,
                 "request_key": s.request_key,
-                "key_file": str(self._key_file) if self._key_file else None,
+                "key_file": str(self._key_file) if self._key_file else self.ssh_key_file,
                 "kernel": s.kernel
                 and {
                     "pid": s.kernel.pid,
@@ -337,7 +342,8 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not saved or not saved.get("kernel") or not saved.get("key_file"):
             raise ConfigurationError("provisioner info holds no FlexAI kernel to reattach to")
         platform = FlexAIClient(saved["api_url"], self.api_key or None)
-        key = load_private_key(saved["key_file"])
+        own_key = saved["key_file"] == self.ssh_key_file
+        key = load_private_key(saved["key_file"], self.ssh_key_passphrase if own_key else None)
         session = InstanceSession(
             platform, Ledger(), saved["api_url"], key, self._settings(), self.log
         )
@@ -351,4 +357,5 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._session = session
         assert session.tunnel is not None
         self.connection_info = {**self.connection_info, **session.tunnel.local_ports}
-        self._key_file = Path(saved["key_file"])
+        if not own_key:
+            self._key_file = Path(saved["key_file"])
