@@ -25,8 +25,10 @@ lint: $(VENV)/.installed
 test: lint
 	$(BIN)/python -m pytest
 
+# Local python3 kernel vs flexai-a100 on a private emulator; writes bench/results.json.
+# e.g. make bench BENCH_ARGS=--quick, or BENCH_ARGS=--openssh (see bench/README.md).
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .demo .pytest_cache .ruff_cache build dist test-artifacts

@@ -24,7 +24,8 @@ UNKNOWN_EXIT = -1  # the kernel died while we were not watching; its status is l
 
 def _agent_command(python: str, mode: str) -> str:
     source = resources.files(__package__).joinpath("remote_agent.py").read_text()
-    return f"{shlex.quote(python)} -c {shlex.quote(source)} {mode}"
+    # -I -S: no site-packages, no home directory on sys.path (faster, and unshadowable).
+    return f"{shlex.quote(python)} -I -S -c {shlex.quote(source)} {mode}"
 
 
 class RemoteKernel:

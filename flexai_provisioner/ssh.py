@@ -7,17 +7,22 @@ Jupyter event loop.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
 import logging
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_WINDOW_ADJUST
 
 from .errors import HostKeyMismatchError, SSHAuthenticationError, SSHError
 from .platform import SSHEndpoint
@@ -28,6 +33,145 @@ log = logging.getLogger(__name__)
 # window adjustments; sshd accepts packets up to 256 KiB.
 WINDOW_SIZE = 8 * 1024 * 1024
 MAX_PACKET_SIZE = 128 * 1024
+READ_AHEAD = 256 * 1024  # one recv() serves several packets of bulk output
+TRANSPORT_LOG = "flexai_provisioner.ssh.transport"  # paramiko's messages about our transports
+
+
+class _RefusedForwardsAreExpected(logging.Filter):
+    """paramiko logs a refused ``direct-tcpip`` open as an ERROR. While a kernel restarts its
+    ports refuse connections, and the tunnel parks them until the new kernel listens: that
+    is routine, so it is logged at DEBUG instead of alarming the server log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "open FAILED" in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger(TRANSPORT_LOG).addFilter(_RefusedForwardsAreExpected())
+
+
+DataSink = Callable[[bytes], None]
+
+
+def _on_channel_data(chan: paramiko.Channel, m: paramiko.Message) -> None:
+    """MSG_CHANNEL_DATA, in the transport's thread: to the channel's sink if it has one."""
+    sink: DataSink | None = chan.__dict__.get("flexai_sink")
+    if sink is None:
+        with chan.transport.sink_lock:  # type: ignore[union-attr]
+            sink = chan.__dict__.get("flexai_sink")
+            if sink is None:
+                paramiko.Channel._feed(chan, m)
+                return
+    sink(m.get_binary())
+
+
+class Transport(paramiko.Transport):
+    """paramiko's transport, preferring cheap ciphers, able to hand data over directly.
+
+    AES-GCM authenticates as it decrypts (one AEAD call per packet instead of AES-CTR plus
+    a separate HMAC-SHA2 on our side, and in sshd). Every other algorithm stays on offer,
+    after it, for servers without GCM.
+
+    A channel given a sink (:func:`set_sink`) has its incoming data passed to the sink in
+    this transport's own thread, instead of being buffered for another thread to ``recv``
+    (a pipe write, a wake-up, a lock and a copy per message saved).
+    """
+
+    _preferred_ciphers = (
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        *(c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c),
+    )
+    _preferred_macs = (
+        "hmac-sha2-256-etm@openssh.com",
+        "hmac-sha2-512-etm@openssh.com",
+        *(m for m in paramiko.Transport._preferred_macs if "etm" not in m),
+    )
+    _channel_handler_table = {
+        **paramiko.Transport._channel_handler_table,
+        MSG_CHANNEL_DATA: _on_channel_data,
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sink_lock = threading.Lock()
+
+
+def set_sink(chan: paramiko.Channel, sink: DataSink) -> bool:
+    """Deliver ``chan``'s incoming data to ``sink`` from now on, in the transport's thread.
+
+    Data that arrived before goes to ``sink`` first, so nothing is reordered. The sink
+    must not block, and must credit what it has passed on with :func:`consumed` (the
+    remote side stops sending once a window's worth is uncredited). Returns False, and
+    changes nothing, if the channel's transport is not a :class:`Transport`.
+    """
+    transport = chan.get_transport()
+    if not isinstance(transport, Transport):
+        return False
+    with transport.sink_lock:
+        # No window credit here: the sink credits these bytes as it passes them on.
+        early = chan.in_buffer.empty()
+        if early:
+            sink(early)
+        chan.__dict__["flexai_sink"] = sink
+    return True
+
+
+def consumed(chan: paramiko.Channel, nbytes: int) -> int:
+    """Note ``nbytes`` of a sink's data as passed on; return the window credit now due.
+
+    Safe in any thread; send a non-zero result with :func:`grant` from a thread other than
+    the transport's (sending can wait for a key exchange the transport's thread runs).
+    """
+    return chan._check_add_window(nbytes) if nbytes else 0
+
+
+def grant(chan: paramiko.Channel, nbytes: int) -> None:
+    """Tell the remote side it may send ``nbytes`` more on ``chan`` (a window adjust)."""
+    m = paramiko.Message()
+    m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+    m.add_int(chan.remote_chanid)
+    m.add_int(nbytes)
+    chan.get_transport()._send_user_message(m)  # type: ignore[union-attr]
+
+
+class _Socket:
+    """The transport's TCP socket, read ahead in large chunks and acknowledged at once.
+
+    paramiko reads each packet in two or three small ``recv`` calls (header, body, MAC);
+    serving them from one large read saves most system calls under bulk output.
+    Until sshd sets TCP_NODELAY on its side (when the first session channel runs), its
+    reply to our first request waited ~40 ms for our delayed ACK; acknowledging every read
+    at once (``TCP_QUICKACK``) until then avoids that. Afterwards it would only cost an
+    extra system call and ACK per read, so :meth:`SSHConnection.exec` turns it off.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+        self.quickack = hasattr(socket, "TCP_QUICKACK")
+        self.send = sock.send
+
+    def recv(self, n: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            end = pos + n
+            self._pos = end
+            return buf[pos:end]
+        data = self._sock.recv(max(n, READ_AHEAD))
+        if self.quickack:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        if len(data) <= n:
+            return data
+        self._buf, self._pos = data, n
+        return data[:n]
+
+    def __getattr__(self, name: str) -> object:  # settimeout, close, getpeername, _closed...
+        return getattr(self._sock, name)
 
 
 @dataclass(frozen=True)
@@ -56,18 +200,42 @@ def generate_keypair(comment: str = "flexai-kernel") -> KeyPair:
 
 
 def load_private_key(path: str, passphrase: str | None = None) -> KeyPair:
-    """Load a user-configured private key (any type paramiko reads)."""
+    """Load a user-configured private key (any type paramiko reads).
+
+    An encrypted key given no passphrase is used through ssh-agent instead, found there by
+    its public half (``<path>.pub``), so its passphrase need not be configured anywhere.
+    """
+    password = passphrase.encode() if passphrase else None
     try:
         pem = Path(path).expanduser().read_bytes()
-        pkey = paramiko.PKey.from_path(path, password=passphrase)
-    except paramiko.PasswordRequiredException as e:
+        # Positional: paramiko 5 renamed the argument (passphrase -> password).
+        pkey = paramiko.PKey.from_path(path, password)
+    except TypeError:  # cryptography: a passphrase missing, or given for a plain key
+        if password is None:
+            return _agent_key(path)
         raise SSHError(
-            f"SSH key {path} is encrypted: set c.FlexAIProvisioner.ssh_key_passphrase "
-            "or load it into ssh-agent and leave ssh_key_file unset"
-        ) from e
+            f"SSH key {path} is not encrypted: unset c.FlexAIProvisioner.ssh_key_passphrase"
+        ) from None
     except (OSError, paramiko.SSHException, ValueError) as e:
-        raise SSHError(f"cannot read SSH key {path}: {e}") from e
+        reason = "wrong c.FlexAIProvisioner.ssh_key_passphrase?" if password else str(e)
+        raise SSHError(f"cannot read SSH key {path}: {reason}") from None
     return KeyPair(pkey, f"{pkey.get_name()} {pkey.get_base64()} flexai-user-key", pem)
+
+
+def _agent_key(path: str) -> KeyPair:
+    """The key ssh-agent holds for the encrypted key file ``path``, matched by its .pub."""
+    public = Path(path + ".pub").expanduser()
+    try:
+        blob = public.read_text().split()[1]
+    except (OSError, IndexError):
+        blob = None
+    for key in paramiko.Agent().get_keys() if blob else ():
+        if key.get_base64() == blob:
+            return KeyPair(key, f"{key.get_name()} {blob} flexai-user-key", b"")
+    raise SSHError(
+        f"SSH key {path} is encrypted: set c.FlexAIProvisioner.ssh_key_passphrase, or add the "
+        f"key to ssh-agent (`ssh-add {path}`) and keep its public half at {public}"
+    )
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -113,6 +281,7 @@ class SSHConnection:
         self._keepalive_interval = keepalive_interval
         self._use_agent = use_agent
         self._transport: paramiko.Transport | None = None
+        self._sock: _Socket | None = None
 
     @property
     def transport(self) -> paramiko.Transport:
@@ -132,13 +301,23 @@ class SSHConnection:
         except OSError as e:
             raise SSHError(f"cannot reach the instance's SSH server at {where}: {e}") from e
         _tune_socket(sock, self._keepalive_interval)
-        transport = paramiko.Transport(
-            sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
+        self._sock = _Socket(sock)
+        transport = Transport(
+            self._sock,  # type: ignore[arg-type]
+            default_window_size=WINDOW_SIZE,
+            default_max_packet_size=MAX_PACKET_SIZE,
         )
+        transport.set_log_channel(TRANSPORT_LOG)
         transport.banner_timeout = self._connect_timeout
         transport.auth_timeout = self._connect_timeout
         try:
             transport.start_client(timeout=self._connect_timeout)
+            if not transport.initial_kex_done:  # paramiko returns quietly at the timeout
+                raise SSHError(
+                    f"the SSH server at {where} did not complete the handshake within "
+                    f"{self._connect_timeout:g} s (no banner or key exchange); raise "
+                    "c.FlexAIProvisioner.ssh_connect_timeout if the instance is only slow"
+                )
             self._verify_host_key(transport, where)
             self._authenticate(transport, where)
         except BaseException:
@@ -181,6 +360,8 @@ class SSHConnection:
             window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE, timeout=self._connect_timeout
         )
         chan.exec_command(command)
+        if self._sock is not None:
+            self._sock.quickack = False  # sshd has set TCP_NODELAY for the running session
         return chan
 
     def run(self, command: str, stdin: bytes = b"", timeout: float = 30.0) -> tuple[int, bytes]:

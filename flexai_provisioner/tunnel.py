@@ -17,31 +17,50 @@ import contextlib
 import logging
 import os
 import selectors
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import paramiko
 
+from .ssh import consumed, grant, set_sink
+
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 RETRY_INTERVAL = 0.002  # how soon to retry a send into a full SSH channel window
+MAX_PARKED = 4  # refused connections kept per port until the next retarget
 
 
 class _Pipe:
-    """One relayed connection: a local socket and its SSH channel."""
+    """One relayed connection: a local socket and its SSH channel.
+
+    Socket to channel runs on the relay thread. Channel to socket runs in the SSH
+    transport's own thread when the transport supports it (:func:`ssh.set_sink`): a message
+    goes straight from decryption to ``send()``, and only what the socket cannot take at
+    once waits in ``to_sock`` for the relay thread. ``lock`` guards ``to_sock`` and
+    ``closed``, the state both threads touch.
+    """
 
     def __init__(self, sock: socket.socket, chan: paramiko.Channel):
         self.sock = sock
         self.chan = chan
+        self.lock = threading.Lock()
         self.to_chan = b""  # read from the socket, not yet accepted by the channel window
-        self.to_sock = b""  # read from the channel, not yet accepted by the socket buffer
+        self.to_sock = bytearray()  # from the channel, not yet accepted by the socket buffer
         self.sock_eof = False
         self.chan_eof = False
+        self.closed = False
+        self.direct = False  # channel data arrives through the sink, not chan.recv()
+        self.events = (selectors.EVENT_READ, selectors.EVENT_READ)  # (socket's, channel's)
         self.on_sock: Callable[[int], None] = lambda _events: None
         self.on_chan: Callable[[int], None] = lambda _events: None
+        self.on_close: Callable[[_Pipe], None] = lambda _pipe: None
 
 
 class Forwarder:
@@ -71,8 +90,10 @@ class Forwarder:
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the relay thread (all selector state is touched only there)."""
         with self._lock:
+            wake = not self._calls
             self._calls.append(fn)
-        os.write(self._wake_w, b"x")
+        if wake:
+            os.write(self._wake_w, b"x")
 
     def open_channel(self, fn: Callable[[], None]) -> None:
         self._opener.submit(fn)
@@ -102,38 +123,47 @@ class Forwarder:
             except Exception:
                 log.exception("port forward bookkeeping failed")
 
-    # -- relaying (relay thread only) --------------------------------------------------
+    # -- relaying (relay thread only, but for _deliver) ---------------------------------
 
     def add_pipe(self, pipe: _Pipe, on_close: Callable[[_Pipe], None]) -> None:
         pipe.sock.setblocking(False)
         pipe.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pipe.chan.settimeout(0.0)
+        pipe.on_close = on_close
 
         def on_sock(events: int) -> None:
             if events & selectors.EVENT_READ:
                 self._sock_readable(pipe)
             if events & selectors.EVENT_WRITE:
                 self._flush_to_sock(pipe)
-            self._maybe_close(pipe, on_close)
+            self._maybe_close(pipe)
 
         def on_chan(_events: int) -> None:
             self._chan_readable(pipe)
-            self._maybe_close(pipe, on_close)
+            self._maybe_close(pipe)
 
         pipe.on_sock, pipe.on_chan = on_sock, on_chan
         self._sel.register(pipe.sock, selectors.EVENT_READ, on_sock)
+        # Readable on data only without a sink; with one, on end of file and close.
         self._sel.register(pipe.chan.fileno(), selectors.EVENT_READ, on_chan)
+        pipe.direct = set_sink(pipe.chan, lambda data: self._deliver(pipe, data))
 
     def _interest(self, pipe: _Pipe) -> None:
         """Read only what there is room to pass on: back-pressure in both directions."""
+        if pipe.closed:
+            return
+        with pipe.lock:
+            backlog = bool(pipe.to_sock)
         sock_events = 0
         if not pipe.to_chan and not pipe.sock_eof:
             sock_events |= selectors.EVENT_READ
-        if pipe.to_sock:
+        if backlog:
             sock_events |= selectors.EVENT_WRITE
-        chan_events = selectors.EVENT_READ if not pipe.to_sock and not pipe.chan_eof else 0
-        self._set(pipe.sock, sock_events, pipe.on_sock)
-        self._set(pipe.chan.fileno(), chan_events, pipe.on_chan)
+        chan_events = selectors.EVENT_READ if not backlog and not pipe.chan_eof else 0
+        if (sock_events, chan_events) != pipe.events:  # the common case costs nothing
+            pipe.events = (sock_events, chan_events)
+            self._set(pipe.sock, sock_events, pipe.on_sock)
+            self._set(pipe.chan.fileno(), chan_events, pipe.on_chan)
 
     def _set(self, fileobj: socket.socket | int, events: int, data: Callable[[int], None]) -> None:
         registered = fileobj in self._sel.get_map()
@@ -180,7 +210,7 @@ class Forwarder:
 
     def _chan_readable(self, pipe: _Pipe) -> None:
         try:
-            data = pipe.chan.recv(CHUNK)
+            data = pipe.chan.recv(CHUNK)  # with a sink, only ever end of file
         except TimeoutError:
             return
         except (OSError, EOFError):
@@ -190,36 +220,89 @@ class Forwarder:
             with contextlib.suppress(OSError):
                 pipe.sock.shutdown(socket.SHUT_WR)
         else:
-            pipe.to_sock = data
-            self._flush_to_sock(pipe)
+            self._deliver(pipe, data, credited=True)
+        self._interest(pipe)
+
+    def _deliver(self, pipe: _Pipe, data: bytes, credited: bool = False) -> None:
+        """Pass channel data on to the socket. Runs in the transport's thread with a sink.
+
+        Never blocks: what the socket does not take now is queued for the relay thread.
+        The window is credited only for bytes the socket took, so a slow reader holds the
+        remote side back instead of growing our queue without bound.
+        """
+        sent, error = 0, False
+        with pipe.lock:
+            if pipe.closed:
+                return
+            if pipe.to_sock:
+                pipe.to_sock += data
+                return
+            try:
+                sent = pipe.sock.send(data)
+            except BlockingIOError:
+                pass
+            except OSError:
+                error = True
+            if sent < len(data) and not error:
+                pipe.to_sock += data[sent:]
+        credit = 0 if credited else consumed(pipe.chan, sent)
+        if error:
+            self.call(lambda: self._broken(pipe))
+        elif sent < len(data) or credit:
+            self.call(lambda: self._after_delivery(pipe, credit))
+
+    def _after_delivery(self, pipe: _Pipe, credit: int) -> None:
+        if credit and not pipe.closed:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                grant(pipe.chan, credit)
         self._interest(pipe)
 
     def _flush_to_sock(self, pipe: _Pipe) -> None:
-        try:
-            sent = pipe.sock.send(pipe.to_sock)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            pipe.to_sock = b""
-            pipe.sock_eof = pipe.chan_eof = True
+        with pipe.lock:
+            if pipe.closed:
+                return
+            try:
+                sent = pipe.sock.send(pipe.to_sock)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = -1
+            if sent > 0:
+                del pipe.to_sock[:sent]
+        if sent < 0:
+            self._broken(pipe)
             return
-        pipe.to_sock = pipe.to_sock[sent:]
-        self._interest(pipe)
+        credit = consumed(pipe.chan, sent) if pipe.direct else 0
+        self._after_delivery(pipe, credit)
 
-    def _maybe_close(self, pipe: _Pipe, on_close: Callable[[_Pipe], None]) -> None:
+    def _broken(self, pipe: _Pipe) -> None:
+        with pipe.lock:
+            pipe.to_sock.clear()
+        pipe.to_chan = b""
+        pipe.sock_eof = pipe.chan_eof = True
+        self._maybe_close(pipe)
+
+    def _maybe_close(self, pipe: _Pipe) -> None:
+        if pipe.closed:
+            return
         done_in = pipe.sock_eof and not pipe.to_chan
         done_out = pipe.chan_eof and not pipe.to_sock
         if (done_in and done_out) or pipe.chan.closed:
             self.close_pipe(pipe)
-            on_close(pipe)
+            pipe.on_close(pipe)
 
     def close_pipe(self, pipe: _Pipe) -> None:
+        with pipe.lock:
+            if pipe.closed:
+                return
+            pipe.closed = True
         self._stalled.discard(pipe)
         for fileobj in (pipe.sock, pipe.chan.fileno()):
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(fileobj)
         pipe.sock.close()
-        pipe.chan.close()
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            pipe.chan.close()  # fails if the transport is already closed: nothing to tell
 
     def add_listener(self, sock: socket.socket, on_accept: Callable[[int], None]) -> None:
         self._sel.register(sock, selectors.EVENT_READ, on_accept)
@@ -231,7 +314,13 @@ class Forwarder:
 
 
 class Tunnel:
-    """Fixed local ports forwarded to a (re-targetable) set of ports on the instance."""
+    """Fixed local ports forwarded to a (re-targetable) set of ports on the instance.
+
+    A connection whose remote port refuses it (the kernel is being restarted, nothing
+    listens yet) is not closed but parked until the next :meth:`retarget`, and relayed to
+    the new kernel the moment it is known: the client need not wait out its reconnect
+    interval (100 ms for ZeroMQ) after a restart.
+    """
 
     def __init__(
         self,
@@ -242,7 +331,9 @@ class Tunnel:
         self._fwd = forwarder or Forwarder.instance()
         self._transport: paramiko.Transport | None = None
         self._targets: dict[str, int] = {}
+        self._generation = 0  # bumped by every retarget, disconnect and close
         self._pipes: set[_Pipe] = set()
+        self._parked: list[tuple[str, socket.socket, tuple[str, int]]] = []
         self._listeners: dict[str, socket.socket] = {}
         self.local_ports: dict[str, int] = {}
         for name in names:
@@ -264,7 +355,9 @@ class Tunnel:
         """Send new connections to these ports via this transport; drop the old ones."""
         self._transport = transport
         self._targets = dict(remote_ports)
+        self._generation += 1
         self._fwd.call(self._drop_pipes)
+        self._fwd.call(self._unpark)
 
     def disconnect(self) -> None:
         """The transport died: close relayed connections now, so clients notice and wait.
@@ -272,16 +365,20 @@ class Tunnel:
         Until :meth:`retarget` supplies a new transport, new connections are refused.
         """
         self._transport = None
+        self._generation += 1
         self._fwd.call(self._drop_pipes)
+        self._fwd.call(self._drop_parked)
 
     def close(self) -> None:
         """Stop listening and close every relayed connection."""
         self._transport = None
+        self._generation += 1
 
         def close_all() -> None:
             for sock in self._listeners.values():
                 self._fwd.remove_listener(sock)
             self._drop_pipes()
+            self._drop_parked()
 
         self._fwd.call(close_all)
 
@@ -290,37 +387,234 @@ class Tunnel:
             self._fwd.close_pipe(pipe)
         self._pipes.clear()
 
+    def _drop_parked(self) -> None:
+        parked, self._parked = self._parked, []
+        for _name, sock, _peer in parked:
+            sock.close()
+
+    def _unpark(self) -> None:
+        parked, self._parked = self._parked, []
+        for name, sock, peer in parked:
+            self._connect(name, sock, peer)
+
     def _acceptor(self, name: str, listener: socket.socket) -> Callable[[int], None]:
         def on_accept(_events: int) -> None:
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, OSError):
                 return
-            transport, port = self._transport, self._targets.get(name)
-            if transport is None or port is None or not transport.is_active():
-                sock.close()  # disconnected: the ZeroMQ client retries on its own
-                return
-            self._fwd.open_channel(lambda: self._open(sock, peer, transport, port))
+            self._connect(name, sock, peer)
 
         return on_accept
 
+    def _connect(self, name: str, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Relay an accepted connection to the current target (relay thread)."""
+        transport, port = self._transport, self._targets.get(name)
+        if transport is None or port is None or not transport.is_active():
+            sock.close()  # disconnected: the ZeroMQ client retries on its own
+            return
+        generation = self._generation
+        self._fwd.open_channel(lambda: self._open(name, sock, peer, transport, port, generation))
+
     def _open(
-        self, sock: socket.socket, peer: tuple[str, int], transport: paramiko.Transport, port: int
+        self,
+        name: str,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        transport: paramiko.Transport,
+        port: int,
+        generation: int,
     ) -> None:
         try:
             chan = transport.open_channel("direct-tcpip", ("127.0.0.1", port), peer, timeout=10)
+        except paramiko.ChannelException as e:
+            log.debug("remote port %s refused a connection (%s): parked", port, e)
+            self._fwd.call(lambda: self._park(name, sock, peer, generation))
+            return
         except (paramiko.SSHException, OSError, EOFError) as e:
             log.debug("cannot open a channel to remote port %s: %s", port, e)
             sock.close()
             return
 
         def attach() -> None:
-            if self._transport is not transport:  # closed or reconnected meanwhile
-                sock.close()
-                chan.close()
+            if self._generation != generation:  # retargeted, reconnected or closed meanwhile
+                with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                    chan.close()
+                self._connect(name, sock, peer)  # to the current target, or closed if none
                 return
             pipe = _Pipe(sock, chan)
             self._pipes.add(pipe)
             self._fwd.add_pipe(pipe, self._pipes.discard)
 
         self._fwd.call(attach)
+
+    def _park(self, name: str, sock: socket.socket, peer: tuple[str, int], generation: int) -> None:
+        if generation != self._generation:  # retargeted meanwhile: try the new kernel now
+            self._connect(name, sock, peer)
+            return
+        # A client whose handshake stalls reconnects (ZeroMQ: after 30 s); keep the newest.
+        same = [p for p in self._parked if p[0] == name]
+        if len(same) >= MAX_PARKED:
+            self._parked.remove(same[0])
+            same[0][1].close()
+        self._parked.append((name, sock, peer))
+
+
+class OpenSSHTunnel:
+    """Experimental: the same fixed local ports, forwarded by an OpenSSH client instead.
+
+    One ``ssh`` ControlMaster per instance (its own connection, logged in with the kernel's
+    key, the host key pinned to the one paramiko already verified against the platform)
+    carries ``-L`` forwards that :meth:`retarget` replaces through the control socket. Bulk
+    output then crosses a C process instead of this one: no Python, no GIL per message.
+    The master runs a session (``cat`` on a pipe we hold) so that sshd sets TCP_NODELAY.
+
+    Same interface as :class:`Tunnel`, plus :meth:`start` (spawn the master early, without
+    waiting). Not the default: it needs the ``ssh`` binary and a private key file.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        ports: dict[str, int] | None = None,
+        *,
+        private_key: bytes,
+        ssh_binary: str | None = None,
+    ):
+        self._ssh = ssh_binary or shutil.which("ssh") or "ssh"
+        self._dir = tempfile.mkdtemp(prefix="flexai-ssh-")
+        self._key_file = os.path.join(self._dir, "key")
+        fd = os.open(self._key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_key)
+        self._control = os.path.join(self._dir, "ctl")
+        self._master: subprocess.Popen[bytes] | None = None
+        self._destination: list[str] = []
+        self._forwards: list[str] = []
+        self._lock = threading.Lock()
+        self.local_ports: dict[str, int] = {}
+        # Held (bound, not listening, SO_REUSEADDR) until ssh listens on them itself, so
+        # that nothing else takes them meanwhile; ssh's own bind uses SO_REUSEADDR too.
+        self._held: list[socket.socket] = []
+        for name in names:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", (ports or {}).get(name, 0)))
+            except OSError:
+                s.bind(("127.0.0.1", 0))
+            self._held.append(s)
+            self.local_ports[name] = s.getsockname()[1]
+
+    def start(self, transport: paramiko.Transport) -> None:
+        """Spawn the master for the instance ``transport`` reaches; returns at once."""
+        with self._lock:
+            if self._master is not None:
+                return
+            host, port = transport.getpeername()[:2]
+            server_key = transport.get_remote_server_key()
+            known_hosts = os.path.join(self._dir, "known_hosts")
+            with open(known_hosts, "w") as f:
+                f.write(f"[{host}]:{port} {server_key.get_name()} {server_key.get_base64()}\n")
+            self._destination = [
+                "-p",
+                str(port),
+                "-o",
+                f"UserKnownHostsFile={known_hosts}",
+                f"{transport.get_username()}@{host}",
+            ]
+            self._master = subprocess.Popen(
+                [
+                    *self._base(),
+                    "-M",
+                    "-o",
+                    "ControlPersist=no",
+                    "-o",
+                    "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr",
+                    "-o",
+                    "ServerAliveInterval=5",
+                    *self._destination,
+                    "exec cat",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _base(self) -> list[str]:
+        return [
+            self._ssh,
+            "-S",
+            self._control,
+            "-i",
+            self._key_file,
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ]
+
+    def _wait_master(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self._control):
+            if self._master is None or self._master.poll() is not None:
+                raise OSError("the OpenSSH master connection failed")
+            if time.monotonic() > deadline:
+                raise OSError("the OpenSSH master connection timed out")
+            time.sleep(0.002)
+
+    def _control_command(self, op: str, forwards: list[str]) -> None:
+        if not forwards and op != "exit":
+            return
+        args = [a for spec in forwards for a in ("-L", spec)]
+        subprocess.run(
+            [*self._base(), "-O", op, *args, *self._destination],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=op == "forward",
+            timeout=30,
+        )
+
+    def retarget(self, transport: paramiko.Transport, remote_ports: dict[str, int]) -> None:
+        self.start(transport)
+        with self._lock:
+            self._wait_master()
+            self._control_command("cancel", self._forwards)
+            self._forwards = [
+                f"127.0.0.1:{self.local_ports[name]}:127.0.0.1:{port}"
+                for name, port in remote_ports.items()
+                if name in self.local_ports
+            ]
+            self._control_command("forward", self._forwards)
+            self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for s in held:
+            s.close()
+
+    def disconnect(self) -> None:
+        with self._lock:
+            if self._master is not None:
+                self._control_command("cancel", self._forwards)
+            self._forwards = []
+
+    def close(self) -> None:
+        with self._lock:
+            master, self._master = self._master, None
+            self._forwards = []
+            self._release()
+        if master is not None:
+            if os.path.exists(self._control):
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    self._control_command("exit", [])
+            with contextlib.suppress(OSError):
+                master.kill()
+            master.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)

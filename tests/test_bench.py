@@ -1,0 +1,65 @@
+"""Smoke test of the benchmark (``python -m bench``): it runs, cleans up and writes its JSON.
+
+Benchmarks are not tests: no timing is asserted here, only that the tiny configuration runs
+end to end and that the results file has the shape bench/README.md documents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ("start", "rtt", "throughput", "restart", "shutdown")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        pytest.param(
+            ["--openssh", "--no-local-scale"],
+            marks=pytest.mark.skipif(not shutil.which("ssh"), reason="no OpenSSH client"),
+        ),
+    ],
+    ids=["default", "with-openssh-forwarder"],
+)
+def test_quick_bench_writes_results(tmp_path: Path, extra: list[str]) -> None:
+    output = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(output.read_text())
+
+    assert set(results["figures"]) == set(FIGURES)
+    for name in FIGURES:
+        figure = results["figures"][name]
+        assert set(figure) == {"local", "flexai", "ratio"}, name
+        assert all(_number(v) and v > 0 for v in figure.values()), (name, figure)
+
+    scale = results["scale"]
+    assert scale["kernels"] == 2
+    assert _number(scale["threads_per_kernel"]) and scale["threads_per_kernel"] > 0
+    # Resident memory can in principle shrink (freed arenas): only its type is checked.
+    assert _number(scale["rss_mb_per_kernel"])
+    assert "start" in result.stdout and "ratio" in result.stdout
+    if "--openssh" in extra:
+        openssh = results["details"]["openssh"]
+        assert set(openssh) == set(FIGURES)
+        assert all(_number(v) and v > 0 for fig in openssh.values() for v in fig.values())
+        assert results["details"]["scale_openssh"]["kernels"] == 2
