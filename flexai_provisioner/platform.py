@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 
 class InstanceState(str, enum.Enum):
@@ -58,6 +58,18 @@ class Instance:
     ttl_seconds: int | None = None
     expires_at: datetime | None = None
     message: str = ""
+
+    def uptime(self, now: datetime | None = None) -> float:
+        """Seconds since the platform created the instance (``now`` defaults to now)."""
+        now = now or datetime.now(timezone.utc)
+        return max(0.0, (now - self.created_at).total_seconds())
+
+    def cost(self, now: datetime | None = None) -> float:
+        """Estimated US dollars spent so far: the hourly price over the whole uptime.
+
+        An upper bound: the platform may not bill the time an instance spends queued.
+        """
+        return self.price_per_hour * self.uptime(now) / 3600
 
 
 class Platform(abc.ABC):

@@ -15,17 +15,26 @@ Emulator (a local FlexAI platform whose instances are real sshd processes on 127
   ``FLEXAI_API_KEY``) and Jupyter at tmp dirs; returns the variables set.
 - ``kernelspecs``: a private JUPYTER_PATH (on top of ``flexai_env``) holding ``flexai-a100``;
   ``kernelspecs.add(name, config)`` adds a FlexAI kernelspec with provisioner config changes.
+- ``jupyter_server``: starts ``jupyter server``/``jupyter lab`` subprocesses (on top of
+  ``kernelspecs``), each on a free port with a token; all stopped at the end of the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from flexai_provisioner.emulator import Emulator
 from flexai_provisioner.kernelspecs import kernelspec_dict
@@ -116,3 +125,110 @@ def kernelspecs(
     root = tmp_path / "jupyter-path"
     monkeypatch.setenv("JUPYTER_PATH", str(root))
     return Kernelspecs(root)
+
+
+class JupyterServer:
+    """A ``jupyter server`` (or ``jupyter lab``) subprocess on a free loopback port.
+
+    It serves under ``BASE_URL`` with a random token, its config and root in a private
+    directory, and the environment of the test (so the emulator and the kernelspecs).
+    """
+
+    BASE_URL = "/jp/"
+
+    def __init__(self, app: str, directory: Path, args: tuple[str, ...], env: dict[str, str]):
+        self.directory = directory
+        self.root = directory / "root"
+        self.root.mkdir(parents=True)
+        self.token = secrets.token_hex(16)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}{self.BASE_URL}"
+        self.log_path = directory / "server.log"
+        cmd = [
+            str(Path(sys.executable).with_name("jupyter")),
+            app,
+            "--allow-root",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.base_url={self.BASE_URL}",
+            f"--ServerApp.root_dir={self.root}",
+            f"--IdentityProvider.token={self.token}",
+            *args,
+        ]
+        env = {**env, "JUPYTER_CONFIG_DIR": str(directory / "config")}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"jupyter exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.get("api/status", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"jupyter did not answer within {timeout:g} s:\n{self.log()}")
+
+    def request(
+        self, method: str, path: str, *, token: bool = True, **kwargs: Any
+    ) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if token:
+            headers.setdefault("Authorization", f"token {self.token}")
+        kwargs.setdefault("timeout", 120)
+        return requests.request(method, self.base + path, headers=headers, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Shut down through the API (which shuts its kernels down); kill if it hangs."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                self.post("api/shutdown", timeout=10)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def jupyter_server(
+    kernelspecs: Kernelspecs, tmp_path: Path
+) -> Iterator[Callable[..., JupyterServer]]:
+    """Start a Jupyter server subprocess: ``jupyter_server(*args, app="server", env={})``.
+
+    Every server started is stopped at the end of the test (its kernels shut down first).
+    """
+    servers: list[JupyterServer] = []
+
+    def start(*args: str, app: str = "server", env: dict[str, str] | None = None) -> JupyterServer:
+        server = JupyterServer(
+            app, tmp_path / f"jupyter-{len(servers)}", args, {**os.environ, **(env or {})}
+        )
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,197 @@
+"""What each FlexAI kernel's start is doing, for whoever wants to show it.
+
+Provisioning takes minutes on a real platform, so the provisioner publishes each phase of a
+start here (``requesting``, ``queued``, ``booting``, ``connecting``, ``starting kernel``,
+``ready``) and a last ``shut down`` note with the instance's cost. The registry keeps a short
+history per kernel id, so a frontend that asks late still sees the whole start, and calls
+subscribers, which is how the Jupyter server extension turns phases into jupyter_events.
+
+Phases are published from worker threads as well as from the event loop: subscribers must
+be quick and thread-safe (the server extension hops onto its loop). The registry is
+process-wide because a provisioner has no handle on the server that runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from .platform import Instance
+
+__all__ = [
+    "PHASES",
+    "PhaseEvent",
+    "ProgressRegistry",
+    "history",
+    "log_event",
+    "publish",
+    "registry",
+    "report_shutdown",
+    "subscribe",
+]
+
+#: Start phases in the order a first start goes through them (``queued`` and ``booting`` only
+#: when the platform reports those states), then the two notes that may follow ``ready``.
+PHASES = (
+    "requesting",
+    "queued",
+    "booting",
+    "connecting",
+    "starting kernel",
+    "ready",
+    "limit reached",
+    "shut down",
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PhaseEvent:
+    """One step of a kernel's life on FlexAI."""
+
+    kernel_id: str
+    phase: str
+    elapsed: float
+    """Seconds since this start began; for ``limit reached`` and ``shut down``, seconds since
+    the instance was created."""
+    time: float
+    """When it happened (seconds since the epoch)."""
+    instance_id: str | None = None
+    cost_usd: float | None = None
+    """The instance's estimated total cost (``shut down`` only)."""
+    message: str = ""
+
+    def describe(self) -> str:
+        """The log line's text after ``FlexAI kernel <id>: ``."""
+        if self.phase == "shut down":
+            if not self.instance_id:
+                return "shut down before an instance was created"
+            cost = (
+                ""
+                if self.cost_usd is None
+                else f", cost ${self.cost_usd:.{2 if self.cost_usd >= 0.01 else 4}f}"
+            )
+            return (
+                f"shut down; instance {self.instance_id} ran "
+                f"{timedelta(seconds=round(self.elapsed))}{cost}"
+            )
+        text = f"{self.phase} ({self.elapsed:.1f}s)"
+        if self.phase == "ready" and self.instance_id:
+            text += f" on instance {self.instance_id}"
+        return f"{text}: {self.message}" if self.message else text
+
+
+Subscriber = Callable[[PhaseEvent], None]
+
+
+class ProgressRegistry:
+    """Phase histories keyed by kernel id, bounded in kernels and in phases per kernel."""
+
+    def __init__(self, max_kernels: int = 256, max_phases: int = 64):
+        self._max_kernels = max_kernels
+        self._max_phases = max_phases
+        self._histories: OrderedDict[str, deque[PhaseEvent]] = OrderedDict()
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def publish(
+        self,
+        kernel_id: str,
+        phase: str,
+        elapsed: float,
+        *,
+        instance_id: str | None = None,
+        cost_usd: float | None = None,
+        message: str = "",
+    ) -> PhaseEvent:
+        """Record a phase and tell every subscriber; a failing subscriber is only logged."""
+        event = PhaseEvent(kernel_id, phase, elapsed, time.time(), instance_id, cost_usd, message)
+        with self._lock:
+            entries = self._histories.pop(kernel_id, None)
+            if entries is None:
+                entries = deque(maxlen=self._max_phases)
+            entries.append(event)
+            self._histories[kernel_id] = entries  # most recently active last
+            while len(self._histories) > self._max_kernels:
+                self._histories.popitem(last=False)
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            try:
+                subscriber(event)
+            except Exception:
+                log.exception("FlexAI progress subscriber %r failed", subscriber)
+        return event
+
+    def history(self, kernel_id: str) -> list[PhaseEvent]:
+        """The kernel's phases, oldest first (empty if unknown or forgotten)."""
+        with self._lock:
+            return list(self._histories.get(kernel_id, ()))
+
+    def kernel_ids(self) -> list[str]:
+        """Kernels with a history, least recently active first."""
+        with self._lock:
+            return list(self._histories)
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call ``subscriber`` with every future event; returns the function that unsubscribes."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if subscriber in self._subscribers:
+                    self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+
+registry = ProgressRegistry()
+publish = registry.publish
+history = registry.history
+subscribe = registry.subscribe
+
+
+def log_event(log: logging.Logger | logging.LoggerAdapter[Any], event: PhaseEvent) -> None:
+    """Log the event at INFO; print it to stderr too if logging would drop it.
+
+    Under a Jupyter app (server, ``jupyter execute``) the app's log handler shows the line.
+    A script driving nbclient usually configured no logging at all, and a start that takes
+    minutes must not look hung, so then the line goes to stderr directly.
+    """
+    text = f"FlexAI kernel {event.kernel_id}: {event.describe()}"
+    log.info("%s", text)
+    if not _has_handler(log):
+        print(text, file=sys.stderr, flush=True)
+
+
+def report_shutdown(
+    log: logging.Logger | logging.LoggerAdapter[Any], kernel_id: str, instance: Instance | None
+) -> PhaseEvent:
+    """Publish and log a kernel's last note: how long its instance ran and what it cost."""
+    event = registry.publish(
+        kernel_id,
+        "shut down",
+        instance.uptime() if instance else 0.0,
+        instance_id=instance.id if instance else None,
+        cost_usd=instance.cost() if instance else None,
+    )
+    log_event(log, event)
+    return event
+
+
+def _has_handler(log: logging.Logger | logging.LoggerAdapter[Any]) -> bool:
+    """Whether a record from ``log`` reaches a handler that can show it."""
+    logger: logging.Logger | None = log.logger if isinstance(log, logging.LoggerAdapter) else log
+    while logger is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
