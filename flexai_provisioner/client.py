@@ -8,24 +8,34 @@ carries an ``Idempotency-Key``), so every call is retried on transient failures.
 :func:`wait_running` and :func:`wait_deleted` are functions over :class:`Platform` rather than
 client methods: polling for a state is the same for any platform, and keeping them out of the
 interface keeps each platform down to its seven API calls.
+
+Settings are looked up in this order, the first one set wins: the argument (the provisioner's
+``api_url``/``api_key`` traits, the CLI's ``--api-url``/``--api-key``), the environment
+(``FLEXAI_API_URL``/``FLEXAI_API_KEY``), then the credentials file
+(:func:`credentials_path`, a JSON object with ``api_key`` and optionally ``api_url``), which
+must be private to its owner (mode 0600, as OpenSSH requires of private keys).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import os
 import random
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import requests
+from jupyter_core.paths import jupyter_config_dir
 
 from . import __version__
 from .errors import (
@@ -42,7 +52,7 @@ from .errors import (
 )
 from .platform import GPUType, Instance, InstanceState, Platform, SSHEndpoint
 
-__all__ = ["FlexAIClient", "wait_deleted", "wait_running"]
+__all__ = ["FlexAIClient", "credentials_path", "read_credentials", "wait_deleted", "wait_running"]
 
 log = logging.getLogger("flexai_provisioner.client")
 
@@ -53,6 +63,7 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: Transport failures worth retrying (a broken chunked body is a connection dropped mid-answer).
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 _EMULATOR_HINT = "for local use, start `jupyter flexai emulator` and use the URL and key it prints"
+_CREDENTIAL_FIELDS = ("api_key", "api_url")
 
 
 class FlexAIClient(Platform):
@@ -75,14 +86,19 @@ class FlexAIClient(Platform):
         allow_insecure: bool = False,
         session: requests.Session | None = None,
     ):
-        """Settings fall back to ``FLEXAI_API_URL``/``FLEXAI_API_KEY``.
+        """Settings fall back to ``FLEXAI_API_URL``/``FLEXAI_API_KEY``, then the credentials file.
 
         ``allow_insecure`` permits ``http://`` to a non-loopback host, which would send the key in
         clear text. ``backoff`` is the first retry's maximum delay; it doubles up to
         ``max_backoff``, which also caps a server's ``Retry-After``.
         """
-        self.api_url = _check_url(api_url or os.environ.get("FLEXAI_API_URL"), allow_insecure)
-        self._auth = _BearerAuth(_check_key(api_key or os.environ.get("FLEXAI_API_KEY")))
+        api_url = api_url or os.environ.get("FLEXAI_API_URL")
+        api_key = api_key or os.environ.get("FLEXAI_API_KEY")
+        if not (api_url and api_key):  # read only when needed: the environment may suffice
+            saved = read_credentials()
+            api_url, api_key = api_url or saved.get("api_url"), api_key or saved.get("api_key")
+        self.api_url = _check_url(api_url, allow_insecure)
+        self._auth = _BearerAuth(_check_key(api_key))
         self._timeout = timeout
         self._max_retries = max_retries
         self._backoff = backoff
@@ -359,6 +375,61 @@ def wait_deleted(platform: Platform, instance_id: str, timeout: float, poll: flo
         time.sleep(min(poll, remaining))
 
 
+# -- the credentials file ------------------------------------------------------------------------
+
+
+def credentials_path() -> Path:
+    """``$JUPYTER_CONFIG_DIR/flexai/credentials.json`` (``~/.jupyter/flexai/...`` by default)."""
+    return Path(jupyter_config_dir()) / "flexai" / "credentials.json"
+
+
+def read_credentials(path: Path | None = None) -> dict[str, str]:
+    """The settings saved in the credentials file; ``{}`` if there is none.
+
+    The file's mode and owner are checked on the open file itself, so it cannot be swapped
+    between the check and the read. Nothing of its content is ever put into an error.
+    """
+    path = path or credentials_path()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigurationError(
+            f"cannot read the FlexAI credentials file {path}: {e.strerror}"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigurationError(f"the FlexAI credentials file {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ConfigurationError(
+                f"the FlexAI credentials file {path} belongs to another user (uid {st.st_uid}): "
+                "refusing to send its key; use a file of your own"
+            )
+        if st.st_mode & 0o077:
+            raise ConfigurationError(
+                f"the FlexAI credentials file {path} is accessible by other users "
+                f"(mode {st.st_mode & 0o777:04o}): run `chmod 600 {path}`, and replace the key "
+                "if others may have read it"
+            )
+        raw = f.read()
+    try:
+        saved = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        saved = None
+    if not (
+        isinstance(saved, dict)
+        and set(saved) <= set(_CREDENTIAL_FIELDS)
+        and all(isinstance(v, str) for v in saved.values())
+    ):
+        raise ConfigurationError(
+            f"the FlexAI credentials file {path} must be a JSON object holding only the strings "
+            'api_key and (optionally) api_url, like {"api_key": "..."}'
+        )
+    return saved
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 
@@ -379,7 +450,8 @@ class _BearerAuth(requests.auth.AuthBase):
 def _check_url(url: str | None, allow_insecure: bool) -> str:
     if not url:
         raise ConfigurationError(
-            f"no FlexAI API URL: set the FLEXAI_API_URL environment variable ({_EMULATOR_HINT})"
+            "no FlexAI API URL: set the FLEXAI_API_URL environment variable or api_url in "
+            f"{credentials_path()} ({_EMULATOR_HINT})"
         )
     try:
         parts = urlsplit(url)
@@ -413,7 +485,8 @@ def _check_key(key: str | None) -> str:
     key = (key or "").strip()
     if not key:
         raise ConfigurationError(
-            f"no FlexAI API key: set the FLEXAI_API_KEY environment variable ({_EMULATOR_HINT})"
+            "no FlexAI API key: set the FLEXAI_API_KEY environment variable or api_key in "
+            f"{credentials_path()}, mode 0600 ({_EMULATOR_HINT})"
         )
     if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
         raise ConfigurationError(

@@ -18,6 +18,8 @@ before the error propagates.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import math
 import os
 import signal
 import time
@@ -30,7 +32,8 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
-from .client import FlexAIClient
+from . import progress
+from .client import FlexAIClient, credentials_path
 from .errors import ConfigurationError, FlexAIError
 from .ledger import Ledger
 from .reaper import reap_orphans
@@ -102,6 +105,19 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         help="At each new kernel's start, delete this user's instances whose owning "
         "process died (what `jupyter flexai gc` does).",
     ).tag(config=True)
+    max_hours = Float(
+        0.0,
+        min=0.0,
+        help="Shut the kernel down, deleting its instance, once the instance has run this "
+        "many hours (0: no limit). Enforced by the Jupyter server extension.",
+    ).tag(config=True)
+    max_cost = Float(
+        0.0,
+        min=0.0,
+        help="Shut the kernel down, deleting its instance, once the instance has cost this "
+        "many US dollars at its hourly price (0: no limit). Enforced by the Jupyter server "
+        "extension.",
+    ).tag(config=True)
 
     @default("api_url")
     def _api_url_default(self) -> str:
@@ -113,15 +129,18 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     _session: InstanceSession | None = None
     _key_file: Path | None = None
+    _start_phase: Callable[[str], None] | None = None  # reports the start in progress
 
     # -- helpers -------------------------------------------------------------------------
 
     def _phase(self, start: float) -> Callable[[str], None]:
         def report(name: str) -> None:
-            self.log.info(
-                "FlexAI kernel %s: %s (%.1fs)", self.kernel_id, name, time.monotonic() - start
+            event = progress.publish(
+                self.kernel_id, name, time.monotonic() - start, instance_id=self.instance_id
             )
+            progress.log_event(self.log, event)
 
+        self._start_phase = report
         return report
 
     def _settings(self) -> SessionSettings:
@@ -138,14 +157,58 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
 
     def _check_config(self) -> None:
+        """Refuse settings that cannot work before anything is requested, let alone billed.
+
+        jupyter_client passes the kernelspec's provisioner config as keyword arguments, and
+        traitlets ignores unknown ones (a typo like ``gpu_cuont`` would silently give one GPU),
+        so the kernelspec's keys are checked here against the configurable traits.
+        """
+        spec = self.kernel_spec.display_name
+        given = self.kernel_spec.metadata.get("kernel_provisioner", {}).get("config", {})
+        known = sorted(self.trait_names(config=True))
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], known, n=1)
+            raise ConfigurationError(
+                f"kernelspec {spec!r}: unknown key {unknown[0]!r} in "
+                "metadata.kernel_provisioner.config"
+                + (f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}")
+            )
+        if "api_key" in given:
+            raise ConfigurationError(
+                f"kernelspec {spec!r} holds api_key in its kernel.json, which other users can "
+                f"usually read: remove it, set FLEXAI_API_KEY or api_key in {credentials_path()} "
+                "(mode 0600), and replace the key"
+            )
         if not self.gpu_type:
             raise ConfigurationError(
-                f"kernelspec {self.kernel_spec.display_name!r} names no GPU type: add "
+                f"kernelspec {spec!r} names no GPU type: add "
                 '"gpu_type" to metadata.kernel_provisioner.config, or reinstall it with '
                 "`jupyter flexai install`"
             )
-        if not 1 <= self.gpu_count <= 8:
-            raise ConfigurationError(f"gpu_count must be between 1 and 8, not {self.gpu_count}")
+        if isinstance(self.gpu_count, bool) or not 1 <= self.gpu_count <= 8:
+            raise ConfigurationError(
+                f"kernelspec {spec!r}: gpu_count must be an integer from 1 to 8, not "
+                f"{self.gpu_count!r}"
+            )
+        for name in (
+            "provision_timeout",
+            "launch_timeout",
+            "ssh_connect_timeout",
+            "ssh_keepalive_interval",
+            "reconnect_timeout",
+            "delete_timeout",
+        ):
+            seconds = getattr(self, name)
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ConfigurationError(
+                    f"kernelspec {spec!r}: {name} must be a number of seconds > 0, not {seconds!r}"
+                )
+        if self.instance_ttl < 0:
+            raise ConfigurationError(
+                f"kernelspec {spec!r}: instance_ttl must be >= 0 seconds (0: no expiry), "
+                f"not {self.instance_ttl}"
+            )
 
     def _keypair(self) -> KeyPair:
         if self.ssh_key_file:
@@ -160,7 +223,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.ssh_key_file:
             return
         path = Path(jupyter_runtime_dir()) / f"flexai-{self.kernel_id}.key"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_openssh)
@@ -229,6 +292,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         assert self._session is not None
+        launched = time.monotonic()
         env = kwargs.get("env", {})
         remote_env = {k: env[k] for k in (*self.kernel_spec.env, *FORWARDED_ENV) if k in env}
         info = self.connection_info
@@ -243,7 +307,10 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             # No kernel, so nothing is worth the instance's price: a later start provisions anew.
             await self._teardown()
             raise
-        self.log.info("FlexAI kernel %s: ready on instance %s", self.kernel_id, self.instance_id)
+        # A first start is timed from its request, a restart from its launch.
+        report = self._start_phase or self._phase(launched)
+        self._start_phase = None
+        report("ready")
         return self.connection_info
 
     # -- running -------------------------------------------------------------------------
@@ -315,6 +382,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         # Shielded: a second cancellation must not abandon a half-deleted instance.
         await asyncio.shield(self._in_thread(session.teardown))
         self._remove_key()
+        progress.report_shutdown(self.log, self.kernel_id, session.instance)
 
     # -- persistence ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ shape docs/api.md describes; an unexpected exception is logged and answered 500 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,6 +35,12 @@ MAX_IDEMPOTENCY_KEY = 255
 _ID = r"(?P<id>[^/]+)"
 
 Route = Callable[["Handler", str, dict[str, str]], tuple[int, Any]]
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document of this API (``openapi.json`` beside this module)."""
+    return json.loads(resources.files(__package__).joinpath("openapi.json").read_text("utf-8"))
 
 
 def account_name(api_key: str) -> str:
@@ -160,11 +168,14 @@ class Handler(BaseHTTPRequestHandler):
             self.body = self._read_body()
             url = urlsplit(self.path)
             path = url.path.rstrip("/") or "/"
-            if not path.startswith("/_emulator/"):
-                self._inject_faults()
-            account = self._authenticate()
-            route, params = self._route(path)
-            status, payload = route(self, account, params | {"query": url.query})
+            if path == "/openapi.json" and self.command == "GET":  # public, as API docs are
+                status, payload = 200, openapi_document()
+            else:
+                if not path.startswith("/_emulator/"):
+                    self._inject_faults()
+                account = self._authenticate()
+                route, params = self._route(path)
+                status, payload = route(self, account, params | {"query": url.query})
         except ApiError as exc:
             status, payload, headers = exc.status, exc.body(), exc.headers
         except Exception:
