@@ -104,17 +104,27 @@ async def test_interrupt_stops_a_long_cell_and_keeps_state(emulator, kernelspecs
     km = AsyncKernelManager(kernel_name=f"flexai-int-{mode}")
     async with started(km) as kc:
         await run(kc, "y = 7")
-        msg_id = kc.execute("import time; time.sleep(600)")
-        while True:  # interrupt only once the cell really runs
-            msg = await kc.get_iopub_msg(timeout=30)
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
-                break
+        msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(600)")
+
+        async def iopub_until(kind: str, **content: object) -> None:
+            while True:
+                msg = await kc.get_iopub_msg(timeout=30)
+                if (
+                    msg["parent_header"].get("msg_id") == msg_id
+                    and msg["msg_type"] == kind
+                    and all(msg["content"].get(k) == v for k, v in content.items())
+                ):
+                    return
+
+        await iopub_until("stream", text="sleeping\n")  # interrupt once it really sleeps
         interrupted_at = time.monotonic()
         await km.interrupt_kernel()
         reply = await kc.get_shell_msg(timeout=30)
         assert reply["parent_header"]["msg_id"] == msg_id
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert time.monotonic() - interrupted_at < 10
+        # ipykernel drops requests that arrive while it still aborts the interrupted cell.
+        await iopub_until("status", execution_state="idle")
         _, out = await run(kc, "print(y)")
         assert out.strip() == "7"
 
