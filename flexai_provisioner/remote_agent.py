@@ -294,6 +294,8 @@ def watch(pid, proc, workdir, lines):
             command = lines.read()
             if command is None:
                 return
+            if "ping" in command:  # the client checks that the link still carries answers
+                emit({"pong": command["ping"]})
             signum = command.get("signal")
             if signum:
                 for target in (-pid, pid):  # its process group, else the process alone

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import threading
 import time
 from importlib import resources
 
@@ -40,6 +41,8 @@ class RemoteKernel:
         self._chan = chan
         self._buf = buf
         self.exit_status: int | None = None
+        self.last_heard = time.monotonic()
+        self._lock = threading.Lock()
 
     @classmethod
     def launch(
@@ -105,15 +108,21 @@ class RemoteKernel:
 
     def poll(self) -> int | None:
         """The kernel's exit status if the agent has reported one, without a round trip."""
-        if self.exit_status is None:
-            while self._chan.recv_ready():
-                self._buf += self._chan.recv(65536)
-            self._parse()
-        return self.exit_status
+        with self._lock:  # the event loop polls while the supervisor thread pings
+            if self.exit_status is None:
+                while self._chan.recv_ready():
+                    self._buf += self._chan.recv(65536)
+                self._parse()
+            return self.exit_status
+
+    def ping(self) -> None:
+        """Ask the agent for an answer; :attr:`last_heard` moves when it (or anything) comes."""
+        self._chan.sendall(b'{"ping": 1}\n')
 
     def _parse(self) -> None:
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
+            self.last_heard = time.monotonic()
             msg = json.loads(line)
             if "exit" in msg:
                 status = msg["exit"]
@@ -129,21 +138,16 @@ class RemoteKernel:
         self._chan.sendall(json.dumps({"signal": int(signum)}).encode() + b"\n")
 
     def wait_exit(self, timeout: float) -> int | None:
-        """Block until the agent reports the kernel's exit, the channel closes, or ``timeout``."""
+        """Block until the agent reports the kernel's exit, the channel closes, or ``timeout``.
+
+        Reads only through :meth:`poll`, so that lines never interleave with the other
+        threads reading the channel; the exit report takes milliseconds, so a short
+        polling interval costs nothing.
+        """
         deadline = time.monotonic() + timeout
-        try:
-            while self.poll() is None and (remaining := deadline - time.monotonic()) > 0:
-                self._chan.settimeout(remaining)
-                data = self._chan.recv(65536)
-                if not data:
-                    break
-                self._buf += data
-                self._parse()
-        except TimeoutError:
-            pass
-        finally:
-            self._chan.settimeout(None)
-        return self.exit_status
+        while self.poll() is None and self.watching and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.poll()
 
     def detach(self) -> None:
         """Close the agent channel; the kernel itself keeps running."""

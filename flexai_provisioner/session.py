@@ -80,6 +80,7 @@ class InstanceSession:
         self.cancel = threading.Event()  # set to abandon a start or a reconnect
         self._reconnecting = False
         self._next_heartbeat = 0.0
+        self._next_ping = 0.0
         self._closed = False
         # Held while a start step runs, so teardown waits for an in-flight POST or SSH
         # connect to land (and then deletes what it made) instead of racing it.
@@ -216,6 +217,7 @@ class InstanceSession:
         if ttl and now >= self._next_heartbeat:
             self._next_heartbeat = now + max(1.0, ttl / 3)
             Supervisor.instance().submit(self._heartbeat)
+        self._check_link(now)
         if (
             self.conn is not None
             and not self.conn.is_active()
@@ -226,6 +228,29 @@ class InstanceSession:
             if self.tunnel is not None:
                 self.tunnel.disconnect()
             Supervisor.instance().submit(self._reconnect)
+
+    def _check_link(self, now: float) -> None:
+        """Ping the agent each keepalive interval; a link silent for three is dead.
+
+        TCP keepalives only prove the peer's kernel acknowledges; an answer from the agent
+        proves the whole path (a hung sshd, a stopped instance, a black-holed route).
+        """
+        kernel, conn = self.kernel, self.conn
+        if kernel is None or conn is None or not conn.is_active() or self._reconnecting:
+            return
+        if kernel.poll() is not None or not kernel.watching:
+            return  # the agent left with its kernel: nothing is there to answer
+        interval = self.settings.keepalive_interval
+        if now - kernel.last_heard > 3 * interval:
+            self.log.warning(
+                "no answer from instance %s for %.0f s: treating the SSH link as dead",
+                self.instance.id if self.instance else "?",
+                now - kernel.last_heard,
+            )
+            conn.close()  # the reconnect below takes over
+        elif now >= self._next_ping:
+            self._next_ping = now + interval
+            Supervisor.instance().submit(kernel.ping)
 
     def _heartbeat(self) -> None:
         assert self.instance is not None

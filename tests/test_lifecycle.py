@@ -43,6 +43,21 @@ async def run(kc, code: str, timeout: float = 30) -> tuple[dict, str]:
     return reply["content"], "".join(out)
 
 
+async def run_after_reconnect(kc, code: str, attempts: int = 10) -> str:
+    """Run ``code`` with the same client after the link came back; return its stdout.
+
+    The client's ZeroMQ sockets reconnect on their own, iopub last (a SUB socket must
+    resubscribe), so the output of a first attempt may be missed: retry a few times.
+    """
+    for _attempt in range(attempts):
+        try:
+            _, out = await run(kc, code, timeout=3)
+            return out.strip()
+        except TimeoutError:
+            continue
+    pytest.fail(f"no output from {code!r} after {attempts} attempts")
+
+
 async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -176,17 +191,30 @@ async def test_dropped_ssh_connection_is_survived(emulator, kernelspecs, caplog)
             os.kill(conn_pid, signal.SIGKILL)
         await until(lambda: not km.provisioner.connected, 10, "the drop to be noticed")
         await until(lambda: km.provisioner.connected, 30, "the reconnection")
-        # The same client carries on. Its ZeroMQ sockets reconnect on their own, iopub
-        # last (a SUB socket must resubscribe), so output may miss a first attempt.
-        for _attempt in range(10):
-            try:
-                _, out = await run(kc, "print(z)", timeout=3)
-                break
-            except TimeoutError:
-                continue
-        assert out.strip() == "99"
+        assert await run_after_reconnect(kc, "print(z)") == "99"
         assert km.provisioner.remote_pid == pid
         assert await km.is_alive()
+
+
+async def test_silently_dead_link_is_detected_and_replaced(emulator, kernelspecs):
+    """A hung sshd still lets TCP acknowledge: only an answer from the agent proves the link."""
+    kernelspecs.add("flexai-hung", {"ssh_keepalive_interval": 1.0})
+    km = AsyncKernelManager(kernel_name="flexai-hung")
+    async with started(km) as kc:
+        await run(kc, "v = 5")
+        pid = km.provisioner.remote_pid
+        hung = ssh_connection_processes(emulator)
+        assert hung, "no sshd connection process found"
+        for conn_pid in hung:
+            os.kill(conn_pid, signal.SIGSTOP)
+        try:
+            await until(lambda: not km.provisioner.connected, 15, "the silence to be noticed")
+            await until(lambda: km.provisioner.connected, 30, "the reconnection")
+        finally:
+            for conn_pid in hung:
+                os.kill(conn_pid, signal.SIGKILL)
+        assert km.provisioner.remote_pid == pid
+        assert await run_after_reconnect(kc, "print(v)") == "5"
 
 
 async def test_unreachable_instance_is_reported_dead(emulator, kernelspecs):
