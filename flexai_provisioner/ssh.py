@@ -311,13 +311,7 @@ class SSHConnection:
         transport.banner_timeout = self._connect_timeout
         transport.auth_timeout = self._connect_timeout
         try:
-            transport.start_client(timeout=self._connect_timeout)
-            if not transport.initial_kex_done:  # paramiko returns quietly at the timeout
-                raise SSHError(
-                    f"the SSH server at {where} did not complete the handshake within "
-                    f"{self._connect_timeout:g} s (no banner or key exchange); raise "
-                    "c.FlexAIProvisioner.ssh_connect_timeout if the instance is only slow"
-                )
+            self._handshake(transport, where)
             self._verify_host_key(transport, where)
             self._authenticate(transport, where)
         except BaseException:
@@ -326,6 +320,21 @@ class SSHConnection:
         sock.settimeout(None)
         transport.set_keepalive(max(1, int(self._keepalive_interval)))
         self._transport = transport
+
+    def _handshake(self, transport: paramiko.Transport, where: str) -> None:
+        """Key exchange, with a hung server reported as such (paramiko either raises at its
+        banner timeout or returns quietly at its own, depending on which comes first)."""
+        try:
+            transport.start_client(timeout=self._connect_timeout)
+        except (paramiko.SSHException, EOFError) as e:
+            if "banner" not in str(e):
+                raise
+        if not transport.initial_kex_done:
+            raise SSHError(
+                f"the SSH server at {where} did not complete the handshake within "
+                f"{self._connect_timeout:g} s (no banner or key exchange); raise "
+                "c.FlexAIProvisioner.ssh_connect_timeout if the instance is only slow"
+            )
 
     def _verify_host_key(self, transport: paramiko.Transport, where: str) -> None:
         actual = fingerprint(transport.get_remote_server_key())

@@ -11,6 +11,7 @@ Emulator (a local FlexAI platform whose instances are real sshd processes on 127
   fixture), waits up to ``LEAK_WAIT`` seconds until no instance is live and no instance
   process runs, then resets the faults. Leftovers are force-deleted, so later tests start
   clean, and the test fails listing them.
+- ``private_jupyter_config`` (autouse): JUPYTER_CONFIG_DIR in a tmp dir.
 - ``flexai_env``: points FlexAI clients at the emulator (``FLEXAI_API_URL``,
   ``FLEXAI_API_KEY``) and Jupyter at tmp dirs; returns the variables set.
 - ``kernelspecs``: a private JUPYTER_PATH (on top of ``flexai_env``) holding ``flexai-a100``;
@@ -82,6 +83,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
             f"the test left live instances {live} and instance processes {pids} "
             f"{LEAK_WAIT:.0f} s after it ended (now force-deleted)"
         )
+
+
+@pytest.fixture(autouse=True)
+def private_jupyter_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own ``~/.jupyter`` (and its FlexAI credentials file) never leaks in."""
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "jupyter-config"))
 
 
 @pytest.fixture
