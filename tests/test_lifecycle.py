@@ -179,7 +179,12 @@ def ssh_connection_processes(emulator) -> list[int]:
     return found
 
 
-async def test_dropped_ssh_connection_is_survived(emulator, kernelspecs, caplog):
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGKILL, signal.SIGSTOP],
+    ids=["dropped", "silent"],  # a reset link; a hung sshd whose TCP still acknowledges
+)
+async def test_lost_ssh_link_is_replaced_and_the_kernel_carries_on(emulator, kernelspecs, signum):
     kernelspecs.add("flexai-keepalive", {"ssh_keepalive_interval": 1.0})
     km = AsyncKernelManager(kernel_name="flexai-keepalive")
     async with started(km) as kc:
@@ -188,33 +193,17 @@ async def test_dropped_ssh_connection_is_survived(emulator, kernelspecs, caplog)
         conns = ssh_connection_processes(emulator)
         assert conns, "no sshd connection process found"
         for conn_pid in conns:
-            os.kill(conn_pid, signal.SIGKILL)
-        await until(lambda: not km.provisioner.connected, 10, "the drop to be noticed")
-        await until(lambda: km.provisioner.connected, 30, "the reconnection")
+            os.kill(conn_pid, signum)
+        try:
+            await until(lambda: not km.provisioner.connected, 15, "the loss to be noticed")
+            await until(lambda: km.provisioner.connected, 30, "the reconnection")
+        finally:
+            for conn_pid in conns:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(conn_pid, signal.SIGKILL)
         assert await run_after_reconnect(kc, "print(z)") == "99"
         assert km.provisioner.remote_pid == pid
         assert await km.is_alive()
-
-
-async def test_silently_dead_link_is_detected_and_replaced(emulator, kernelspecs):
-    """A hung sshd still lets TCP acknowledge: only an answer from the agent proves the link."""
-    kernelspecs.add("flexai-hung", {"ssh_keepalive_interval": 1.0})
-    km = AsyncKernelManager(kernel_name="flexai-hung")
-    async with started(km) as kc:
-        await run(kc, "v = 5")
-        pid = km.provisioner.remote_pid
-        hung = ssh_connection_processes(emulator)
-        assert hung, "no sshd connection process found"
-        for conn_pid in hung:
-            os.kill(conn_pid, signal.SIGSTOP)
-        try:
-            await until(lambda: not km.provisioner.connected, 15, "the silence to be noticed")
-            await until(lambda: km.provisioner.connected, 30, "the reconnection")
-        finally:
-            for conn_pid in hung:
-                os.kill(conn_pid, signal.SIGKILL)
-        assert km.provisioner.remote_pid == pid
-        assert await run_after_reconnect(kc, "print(v)") == "5"
 
 
 async def test_unreachable_instance_is_reported_dead(emulator, kernelspecs):
