@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 import pytest
+from conftest import serving
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -151,15 +152,8 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def scripted() -> Iterator[ScriptedAPI]:
-    server = ScriptedAPI()
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
+    with serving(ScriptedAPI()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 # -- configuration -------------------------------------------------------------------------------

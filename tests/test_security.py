@@ -28,7 +28,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
+from conftest import serving
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, settings
@@ -236,15 +236,8 @@ class _RecorderHandler(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def recorder(body: bytes, content_type: str = "application/json") -> Iterator[Recorder]:
-    server = Recorder(body, content_type)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with serving(Recorder(body, content_type)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def closed_port() -> int:
