@@ -78,6 +78,16 @@ def pid_alive(pid: int) -> bool:
 async def started(km: AsyncKernelManager) -> AsyncIterator[object]:
     """Start ``km``'s kernel and yield a ready client; shut everything down afterwards."""
     await km.start_kernel()
+    try:
+        async with connected_client(km) as kc:
+            yield kc
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+@contextlib.asynccontextmanager
+async def connected_client(km: AsyncKernelManager) -> AsyncIterator[object]:
+    """A ready client of ``km``'s running kernel, its channels stopped afterwards."""
     kc = km.client()
     kc.start_channels()
     try:
@@ -85,7 +95,6 @@ async def started(km: AsyncKernelManager) -> AsyncIterator[object]:
         yield kc
     finally:
         kc.stop_channels()
-        await km.shutdown_kernel(now=True)
 
 
 @pytest.fixture
@@ -156,12 +165,9 @@ async def test_dead_remote_kernel_is_restarted_on_the_same_instance(emulator, ke
         await asyncio.wait_for(restarted.wait(), 60)
         await until(lambda: km.provisioner.remote_pid not in (None, pid), 60, "a new kernel")
         assert km.provisioner.instance_id == instance_id
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        _, out = await run(kc, "print('back')")
+        async with connected_client(km) as kc:
+            _, out = await run(kc, "print('back')")
         assert out.strip() == "back"
-        kc.stop_channels()
     finally:
         await km.shutdown_kernel(now=True)
 
@@ -370,12 +376,9 @@ async def test_reattach_from_provisioner_info_runs_in_the_same_kernel(emulator, 
             info["kernel_id"], km.kernel_spec, parent=km
         )
         await km.provisioner.load_provisioner_info(info)
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        _, out = await run(kc, "print(w)")
+        async with connected_client(km) as kc:
+            _, out = await run(kc, "print(w)")
         assert out.strip() == "123"
-        kc.stop_channels()
     finally:
         await km.shutdown_kernel(now=True)
     assert emulator.live_instances() == []
