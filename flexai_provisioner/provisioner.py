@@ -326,6 +326,11 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self._session is not None and self._session.connected
 
     @property
+    def reconnects(self) -> int:
+        """How many times a lost SSH link to the instance was replaced."""
+        return self._session.reconnects if self._session is not None else 0
+
+    @property
     def lost_reason(self) -> str | None:
         """Why the instance could not be reached again, once the provisioner gave up."""
         return self._session.lost_reason if self._session is not None else None

@@ -79,6 +79,7 @@ class InstanceSession:
         self.lost_reason: str | None = None  # set when the instance cannot be reached again
         self.cancel = threading.Event()  # set to abandon a start or a reconnect
         self._reconnecting = False
+        self.reconnects = 0  # links replaced after a loss
         self._next_heartbeat = 0.0
         self._next_ping = 0.0
         self._closed = False
@@ -283,6 +284,7 @@ class InstanceSession:
                         old.close()
                     if kernel is not None:
                         self._attach(kernel.pid, kernel.ports, kernel.workdir)
+                    self.reconnects += 1
                     self.log.info("reconnected to instance %s", self.instance.id)
                     return
                 except (FlexAIError, OSError, paramiko.SSHException, EOFError) as e:
