@@ -1,0 +1,154 @@
+"""The tunnel on its own: bytes through a real sshd, checked end to end.
+
+The emulator's instances are sshd processes on this host, so a TCP server in this test
+process stands in for a kernel port "on the instance".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
+from flexai_provisioner.ssh import SSHConnection, connect, generate_keypair
+from flexai_provisioner.tunnel import Tunnel
+
+Handler = Callable[[socket.socket], None]
+
+
+@pytest.fixture
+def link(emulator, api_key) -> Iterator[SSHConnection]:
+    """An SSH connection to a fresh instance, deleted afterwards."""
+    key = generate_keypair()
+    with FlexAIClient(emulator.url, api_key) as client:
+        instance = client.provision("A100", ssh_public_key=key.public_openssh)
+        try:
+            instance = wait_running(client, instance.id, timeout=30)
+            assert instance.ssh is not None
+            conn = connect(instance.ssh, key, connect_timeout=10)
+            try:
+                yield conn
+            finally:
+                conn.close()
+        finally:
+            client.delete_instance(instance.id)
+            wait_deleted(client, instance.id, timeout=30)
+
+
+class Server:
+    """A one-connection TCP server on loopback running ``handler`` in a thread."""
+
+    def __init__(self, handler: Handler):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, args=(handler,), daemon=True)
+        self._thread.start()
+
+    def _serve(self, handler: Handler) -> None:
+        try:
+            self._listener.settimeout(30)
+            conn, _ = self._listener.accept()
+            with conn:
+                conn.settimeout(30)
+                handler(conn)
+        except BaseException as e:  # reported by close()
+            self.error = e
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the server thread did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def forward(link: SSHConnection) -> Iterator[Callable[[Handler], socket.socket]]:
+    """Serve ``handler`` behind a one-port tunnel; return a client socket connected to it."""
+    tunnel = Tunnel(["port"])
+    servers: list[Server] = []
+    clients: list[socket.socket] = []
+
+    def _forward(handler: Handler) -> socket.socket:
+        server = Server(handler)
+        servers.append(server)
+        tunnel.retarget(link.transport, {"port": server.port})
+        sock = socket.create_connection(("127.0.0.1", tunnel.local_ports["port"]), timeout=30)
+        clients.append(sock)
+        return sock
+
+    try:
+        yield _forward
+    finally:
+        for sock in clients:
+            sock.close()
+        tunnel.close()
+        for server in servers:
+            server.close()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_bulk_output_arrives_whole_and_before_the_end_of_stream(forward):
+    # More than one SSH window (8 MiB), so it only arrives if window credit flows back;
+    # the remote close must not overtake data still being passed on.
+    payload = os.urandom(20 * 1024 * 1024)
+    sock = forward(lambda conn: conn.sendall(payload))
+    received = recv_all(sock)
+    assert len(received) == len(payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_a_slow_reader_holds_the_sender_back_and_loses_nothing(forward):
+    payload = os.urandom(24 * 1024 * 1024)
+    sent = threading.Event()
+    sock = forward(lambda conn: (conn.sendall(payload), sent.set()))
+    # Not reading: everything beyond the window and the socket buffers must wait remotely.
+    time.sleep(1.0)
+    assert not sent.is_set(), "24 MiB were accepted with nobody reading: no back-pressure"
+    received = recv_all(sock)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_both_directions_and_a_half_close(forward):
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(1 << 16):
+            conn.sendall(data)
+
+    payload = os.urandom(3 * 1024 * 1024)
+    sock = forward(echo)
+    writer = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+    writer.start()
+    received = recv_all(sock)
+    writer.join(30)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_each_small_message_is_passed_on_at_once(forward):
+    """Nothing waits for more data to arrive: every request gets its reply by itself."""
+
+    def answer(conn: socket.socket) -> None:
+        while data := conn.recv(64):
+            conn.sendall(data.upper())
+
+    sock = forward(answer)
+    sock.settimeout(5)
+    for i in range(200):
+        message = f"ping {i:03}".encode()
+        sock.sendall(message)
+        reply = b""
+        while len(reply) < len(message):
+            reply += sock.recv(64)
+        assert reply == message.upper()
