@@ -87,6 +87,18 @@ def _flushing_first(handler: Callable[[paramiko.Channel, paramiko.Message], None
     return handle
 
 
+class _Packetizer(paramiko.Packetizer):
+    """paramiko's packetizer, minus a timer cancel (a lock and a notify) after every packet:
+    the handshake timer needs cancelling once, when the first packet is handled."""
+
+    _handshake_completed = False
+
+    def complete_handshake(self) -> None:
+        if not self._handshake_completed:
+            self._handshake_completed = True
+            super().complete_handshake()
+
+
 class Transport(paramiko.Transport):
     """paramiko's transport, preferring cheap ciphers, able to hand data over directly.
 
@@ -120,7 +132,7 @@ class Transport(paramiko.Transport):
 
     def __init__(self, sock: socket.socket, **kwargs: Any):
         self.sock: _Socket
-        super().__init__(_Socket(sock), **kwargs)
+        super().__init__(_Socket(sock), packetizer_class=_Packetizer, **kwargs)
         self.sock.before_wait = self.flush_all
         self.sink_lock = threading.Lock()
         self.held: dict[paramiko.Channel, list[bytes]] = {}  # this thread's only
