@@ -163,6 +163,7 @@ def test_select_runs_a_kernel_and_stop_deletes_its_instance(server, emulator):
     (listed,) = ok(server.get("api/compute/instances"))["instances"]
     assert listed["kernel_id"] == kernel_id and listed["instance_id"] == instance_id
     assert listed["state"] == "running" and listed["connected"] is True
+    assert listed["reconnects"] == 0
     assert (listed["gpu_type"], listed["gpu_count"], listed["price_per_hour"]) == ("A100", 1, 1.89)
     assert listed["uptime_seconds"] >= 0 and listed["cost_usd"] >= 0
     assert listed["limits"] == {"max_hours": None, "max_cost": None}

@@ -296,6 +296,7 @@ class FlexAIExtension(ExtensionApp):
             "instance_id": provisioner.instance_id,
             "state": instance.state.value if instance is not None else state or "unknown",
             "connected": provisioner.connected,
+            "reconnects": provisioner.reconnects,
             "gpu_type": known.gpu_type if known else provisioner.gpu_type,
             "gpu_count": known.gpu_count if known else provisioner.gpu_count,
             "created_at": iso(known.created_at) if known else None,
