@@ -56,7 +56,7 @@ class Config:
     rtts: int = 300
     rtt_warmup: int = 30
     megabytes: int = 50
-    throughput_runs: int = 3
+    throughput_runs: int = 9  # short runs on a noisy machine: many, interleaved
     restarts: int = 5
     scale: int = 16
     scale_rtts: int = 50
