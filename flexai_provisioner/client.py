@@ -48,6 +48,7 @@ from .errors import (
     PlatformUnreachableError,
     ProvisioningError,
     ProvisioningTimeoutError,
+    StartCancelledError,
     UnknownGPUTypeError,
 )
 from .platform import GPUType, Instance, InstanceState, Platform, SSHEndpoint
@@ -320,7 +321,7 @@ def wait_running(
     Polls every 20 ms for the first second (a fast platform is fast: a 100 ms poll would
     add up to that to every start), then backs off, doubling up to 2 s.
     ``on_state`` sees the instance whenever its state changes (for progress messages).
-    Setting ``cancel`` ends the wait between polls with ``ProvisioningError``; a request in
+    Setting ``cancel`` ends the wait between polls with ``StartCancelledError``; a request in
     flight finishes first (bounded by the client's timeout and retries).
     """
     stop = cancel or threading.Event()
@@ -329,7 +330,9 @@ def wait_running(
     fast_until = time.monotonic() + 1.0
     while True:
         if stop.is_set():
-            raise ProvisioningError(f"cancelled while waiting for instance {instance_id} to start")
+            raise StartCancelledError(
+                f"cancelled while waiting for instance {instance_id} to start"
+            )
         instance = platform.get_instance(instance_id)
         if instance.state != last:
             last = instance.state
@@ -354,7 +357,9 @@ def wait_running(
                 f"{_note(instance)}; raise c.FlexAIProvisioner.provision_timeout to wait longer"
             )
         if stop.wait(min(interval, remaining)):
-            raise ProvisioningError(f"cancelled while waiting for instance {instance_id} to start")
+            raise StartCancelledError(
+                f"cancelled while waiting for instance {instance_id} to start"
+            )
         if time.monotonic() > fast_until:
             interval = min(interval * 2, 2.0)
 

@@ -63,6 +63,10 @@ class ProvisioningTimeoutError(ProvisioningError):
     """The instance did not reach the running state in time."""
 
 
+class StartCancelledError(ProvisioningError):
+    """The kernel's start was cancelled before the kernel was ready; what it made is deleted."""
+
+
 class SSHError(FlexAIError):
     """The SSH connection to the instance failed."""
 

@@ -34,7 +34,7 @@ from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
 from . import progress
 from .client import FlexAIClient, credentials_path
-from .errors import ConfigurationError, FlexAIError
+from .errors import ConfigurationError, FlexAIError, StartCancelledError
 from .ledger import Ledger
 from .reaper import reap_orphans
 from .session import PORT_NAMES, InstanceSession, SessionSettings, Supervisor
@@ -45,6 +45,15 @@ T = TypeVar("T")
 # Environment the kernel inherits from the local side; the rest of the local
 # environment (PATH, HOME, ...) belongs to this machine, not to the instance.
 FORWARDED_ENV = ("JPY_SESSION_NAME",)
+
+
+def starting() -> dict[str, FlexAIProvisioner]:
+    """The provisioners of this process whose kernel's first start is under way, by kernel id
+    (for :meth:`FlexAIProvisioner.cancel_start`)."""
+    return dict(_starting)
+
+
+_starting: dict[str, FlexAIProvisioner] = {}
 
 
 class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -130,6 +139,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _session: InstanceSession | None = None
     _key_file: Path | None = None
     _start_phase: Callable[[str], None] | None = None  # reports the start in progress
+    _cancel_reason: str | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -237,6 +247,28 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
 
+    async def _abandon_start(self, error: BaseException) -> None:
+        """Delete what a failed or cancelled first start made; say why if it was cancelled."""
+        await self._teardown()
+        if self._cancel_reason is not None and isinstance(error, Exception):
+            raise StartCancelledError(
+                f"the start of kernel {self.kernel_id} was cancelled ({self._cancel_reason}); "
+                "its instance is deleted"
+            ) from None
+
+    def cancel_start(self, reason: str) -> bool:
+        """Abandon this kernel's first start if it is under way: whatever it made is deleted,
+        and ``start_kernel`` raises :class:`StartCancelledError` giving ``reason``.
+
+        A start waiting for its instance (minutes on a real platform) stops at once; one
+        past that stops after its current step. False if no first start is under way.
+        """
+        if _starting.get(self.kernel_id) is not self or self._session is None:
+            return False
+        self._cancel_reason = reason
+        self._session.cancel.set()
+        return True
+
     # -- start ---------------------------------------------------------------------------
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -267,16 +299,19 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             platform, ledger, platform.api_url, key, self._settings(), self.log
         )
         self._session = session
+        _starting[self.kernel_id] = self
         phase = self._phase(time.monotonic())
         try:
             await self._in_thread(
                 session.provision, self.gpu_type, self.gpu_count, self.kernel_id, phase
             )
             await self._in_thread(session.connect, phase)
+            if session.cancel.is_set():
+                raise StartCancelledError("kernel start cancelled")
             self._save_key(key)
             phase("starting kernel")
-        except BaseException:
-            await self._teardown()
+        except BaseException as e:
+            await self._abandon_start(e)
             raise
 
     def _reap(self, platform: FlexAIClient, ledger: Ledger) -> None:
@@ -301,12 +336,17 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "signature_scheme": info["signature_scheme"],
             "kernel_name": info.get("kernel_name", ""),
         }
+        session = self._session
         try:
-            await self._in_thread(self._session.launch_kernel, cmd, connection, remote_env)
-        except BaseException:
+            await self._in_thread(session.launch_kernel, cmd, connection, remote_env)
+            if session.cancel.is_set():
+                raise StartCancelledError("kernel start cancelled")
+        except BaseException as e:
             # No kernel, so nothing is worth the instance's price: a later start provisions anew.
-            await self._teardown()
+            await self._abandon_start(e)
             raise
+        if _starting.get(self.kernel_id) is self:
+            del _starting[self.kernel_id]
         # A first start is timed from its request, a restart from its launch.
         report = self._start_phase or self._phase(launched)
         self._start_phase = None
@@ -381,13 +421,17 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _teardown(self) -> None:
         session, self._session = self._session, None
-        if session is None:
-            return
-        session.cancel.set()  # let a blocked wait or reconnect return promptly
-        # Shielded: a second cancellation must not abandon a half-deleted instance.
-        await asyncio.shield(self._in_thread(session.teardown))
-        self._remove_key()
-        progress.report_shutdown(self.log, self.kernel_id, session.instance)
+        try:
+            if session is None:
+                return
+            session.cancel.set()  # let a blocked wait or reconnect return promptly
+            # Shielded: a second cancellation must not abandon a half-deleted instance.
+            await asyncio.shield(self._in_thread(session.teardown))
+            self._remove_key()
+            progress.report_shutdown(self.log, self.kernel_id, session.instance)
+        finally:
+            if _starting.get(self.kernel_id) is self:
+                del _starting[self.kernel_id]
 
     # -- persistence ---------------------------------------------------------------------
 

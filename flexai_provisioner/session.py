@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from .client import wait_deleted, wait_running
-from .errors import FlexAIError, NotFoundError, PlatformError, ProvisioningError
+from .errors import FlexAIError, NotFoundError, PlatformError, StartCancelledError
 from .ledger import Ledger, owner_identity
 from .platform import Instance, InstanceState, Platform
 from .reaper import LABEL_KERNEL, LABEL_REQUEST, owner_labels
@@ -96,7 +96,7 @@ class InstanceSession:
 
     def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
         if self.cancel.is_set():
-            raise ProvisioningError("kernel start cancelled")
+            raise StartCancelledError("kernel start cancelled")
         phase("requesting")
         self.ledger.record_request(self.request_key, self.api_url, kernel_id, gpu_type)
         labels = {
@@ -138,7 +138,7 @@ class InstanceSession:
         phase("connecting")
         with self._starting:
             if self.cancel.is_set():
-                raise ProvisioningError("kernel start cancelled")
+                raise StartCancelledError("kernel start cancelled")
             self.conn = self._connect()
             self.tunnel = Tunnel(PORT_NAMES)
 

@@ -27,6 +27,8 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from traitlets.config import Config
 
 from flexai_provisioner.client import FlexAIClient
+from flexai_provisioner.errors import StartCancelledError
+from flexai_provisioner.provisioner import starting
 
 JUPYTER_FLEXAI = str(Path(sys.executable).with_name("jupyter-flexai"))
 
@@ -244,6 +246,24 @@ async def test_cancelled_start_deletes_the_instance(emulator, kernelspecs):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert emulator.live_instances() == []
+
+
+async def test_a_start_cancelled_while_provisioning_deletes_the_instance_at_once(
+    emulator, kernelspecs
+):
+    emulator.update_faults(provision_delay=30)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    task = asyncio.ensure_future(km.start_kernel())
+    await until(emulator.live_instances, 30, "the instance to be requested")
+    assert km.provisioner.kernel_id in starting()
+    began = time.monotonic()
+    assert km.provisioner.cancel_start("the user changed their mind")
+    with pytest.raises(StartCancelledError, match="the user changed their mind"):
+        await task
+    assert time.monotonic() - began < 10, "the start went on waiting for its instance"
+    assert emulator.live_instances() == []
+    assert starting() == {}
+    assert not km.provisioner.cancel_start("again"), "nothing is left to cancel"
 
 
 @pytest.mark.parametrize(

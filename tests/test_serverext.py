@@ -300,6 +300,40 @@ def test_progress_is_visible_while_the_instance_boots(server, emulator):
     ok(server.post(f"api/compute/instance/{selected['instance_id']}/stop"))
 
 
+def test_stop_while_the_instance_boots_cancels_the_start(server, emulator):
+    emulator.update_faults(provision_delay=60)
+    result: dict[str, requests.Response] = {}
+    select = threading.Thread(
+        target=lambda: result.update(
+            response=server.post("api/compute/select", json={"gpu_type": "A100"})
+        )
+    )
+    select.start()
+    try:
+
+        def booting() -> dict | None:
+            kernels = ok(server.get("api/compute/progress"))["kernels"]
+            return next((k for k in kernels if k["phase"] == "booting"), None)
+
+        during = until(booting, "a kernel in its booting phase")
+        instance_id = during["phases"][-1]["instance_id"]
+        stopped = ok(server.post(f"api/compute/instance/{instance_id}/stop"))
+        assert (stopped["kernel_id"], stopped["instance_id"], stopped["state"]) == (
+            during["kernel_id"],
+            instance_id,
+            "deleted",
+        )
+        assert emulator.live_instances() == []
+    finally:
+        select.join(30)
+    assert not select.is_alive(), "the start went on after it was cancelled"
+    message = error(result["response"], 409)
+    assert "cancelled (stopped through the compute API)" in message
+    final = ok(server.get(f"api/compute/progress/{during['kernel_id']}"))
+    assert final["phase"] == "shut down"
+    assert during["kernel_id"] not in kernel_ids(server)
+
+
 async def test_phases_are_jupyter_events(server, emulator):
     request = HTTPRequest(
         server.base.replace("http", "ws", 1) + "api/events/subscribe",

@@ -31,11 +31,12 @@ from ..errors import (
     NotFoundError,
     PlatformUnreachableError,
     ProvisioningTimeoutError,
+    StartCancelledError,
     UnknownGPUTypeError,
 )
 from ..kernelspecs import KERNEL_NAME_PREFIX, PROVISIONER_NAME
 from ..platform import GPUType, Instance
-from ..provisioner import FlexAIProvisioner
+from ..provisioner import FlexAIProvisioner, starting
 
 SCHEMA_ID = "https://flex.ai/schemas/jupyter/compute/v1"
 SCHEMA_FILE = Path(__file__).parent / "events" / "compute.yaml"
@@ -59,6 +60,8 @@ def http_error(error: FlexAIError) -> ComputeError:
         return ComputeError(400, str(error), gpu_types=error.known)
     if isinstance(error, InvalidRequestError):
         return ComputeError(400, str(error))
+    if isinstance(error, StartCancelledError):
+        return ComputeError(409, str(error))
     if isinstance(error, NoCapacityError):
         return ComputeError(409, str(error), available=error.available)
     if isinstance(error, (ConfigurationError, PlatformUnreachableError)):
@@ -369,9 +372,19 @@ class FlexAIExtension(ExtensionApp):
     async def stop(
         self, instance_id: str, reason: str = "stopped through the compute API"
     ) -> dict[str, Any]:
-        """Shut the kernel on ``instance_id`` down (which deletes the instance)."""
-        kernel_id, _ = self.kernel_on(instance_id)
-        await self.shutdown(kernel_id, reason)
+        """Shut the kernel on ``instance_id`` down, or cancel its start; either deletes the
+        instance."""
+        pending = [k for k, p in starting().items() if p.instance_id == instance_id]
+        if pending:
+            # Still provisioning: jupyter_server has no kernel to shut down yet (its start
+            # request is waiting), so the start itself is abandoned.
+            kernel_id = pending[0]
+            self.log.info("cancelling the start of FlexAI kernel %s: %s", kernel_id, reason)
+            starting()[kernel_id].cancel_start(reason)
+            await self.start_ended(kernel_id)
+        else:
+            kernel_id, _ = self.kernel_on(instance_id)
+            await self.shutdown(kernel_id, reason)
         last = progress.history(kernel_id)[-1:]
         cost = last[0].cost_usd if last and last[0].phase == "shut down" else None
         return {
@@ -380,6 +393,16 @@ class FlexAIExtension(ExtensionApp):
             "state": "deleted",
             "cost_usd": None if cost is None else round(cost, 6),
         }
+
+    async def start_ended(self, kernel_id: str, timeout: float = 300.0) -> None:
+        """Until a cancelled start has deleted its instance (its ``shut down`` phase)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while kernel_id in starting():
+            if asyncio.get_running_loop().time() > deadline:
+                raise ComputeError(
+                    504, f"the cancelled start of kernel {kernel_id} did not end in {timeout:g} s"
+                )
+            await asyncio.sleep(0.05)
 
     async def shutdown(self, kernel_id: str, reason: str) -> None:
         if kernel_id in self._stopping:
