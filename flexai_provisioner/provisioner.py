@@ -250,9 +250,10 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _abandon_start(self, error: BaseException) -> None:
         """Delete what a failed or cancelled first start made; say why if it was cancelled."""
         await self._teardown()
-        if self._cancel_reason is not None and isinstance(error, Exception):
+        reason, self._cancel_reason = self._cancel_reason, None
+        if reason is not None and isinstance(error, Exception):
             raise StartCancelledError(
-                f"the start of kernel {self.kernel_id} was cancelled ({self._cancel_reason}); "
+                f"the start of kernel {self.kernel_id} was cancelled ({reason}); "
                 "its instance is deleted"
             ) from None
 
@@ -262,6 +263,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         A start waiting for its instance (minutes on a real platform) stops at once; one
         past that stops after its current step. False if no first start is under way.
+        Call it from the event loop the kernel manager runs on.
         """
         if _starting.get(self.kernel_id) is not self or self._session is None:
             return False
@@ -281,7 +283,11 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         km.ip = "127.0.0.1"
         for name, port in self._session.tunnel.local_ports.items():
             setattr(km, name, port)
-        km.write_connection_file(jupyter_session=kwargs["env"].get("JPY_SESSION_NAME", ""))
+        try:
+            km.write_connection_file(jupyter_session=kwargs["env"].get("JPY_SESSION_NAME", ""))
+        except BaseException as e:  # nobody would clean up after us: jupyter_client won't
+            await self._abandon_start(e)
+            raise
         self.connection_info = km.get_connection_info()
         kwargs["cmd"] = list(self.kernel_spec.argv) + kwargs.pop("extra_arguments", [])
         return kwargs
@@ -299,6 +305,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             platform, ledger, platform.api_url, key, self._settings(), self.log
         )
         self._session = session
+        self._cancel_reason = None
         _starting[self.kernel_id] = self
         phase = self._phase(time.monotonic())
         try:
@@ -345,8 +352,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             # No kernel, so nothing is worth the instance's price: a later start provisions anew.
             await self._abandon_start(e)
             raise
-        if _starting.get(self.kernel_id) is self:
-            del _starting[self.kernel_id]
+        self._not_starting()
         # A first start is timed from its request, a restart from its launch.
         report = self._start_phase or self._phase(launched)
         self._start_phase = None
@@ -421,17 +427,21 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _teardown(self) -> None:
         session, self._session = self._session, None
-        try:
-            if session is None:
-                return
-            session.cancel.set()  # let a blocked wait or reconnect return promptly
-            # Shielded: a second cancellation must not abandon a half-deleted instance.
-            await asyncio.shield(self._in_thread(session.teardown))
-            self._remove_key()
-            progress.report_shutdown(self.log, self.kernel_id, session.instance)
-        finally:
-            if _starting.get(self.kernel_id) is self:
-                del _starting[self.kernel_id]
+        if session is None:
+            self._not_starting()
+            return
+        session.cancel.set()  # let a blocked wait or reconnect return promptly
+        deleted = asyncio.ensure_future(self._in_thread(session.teardown))
+        # A start is over once its instance is deleted, even if our caller stops waiting.
+        deleted.add_done_callback(lambda _: self._not_starting())
+        # Shielded: a second cancellation must not abandon a half-deleted instance.
+        await asyncio.shield(deleted)
+        self._remove_key()
+        progress.report_shutdown(self.log, self.kernel_id, session.instance)
+
+    def _not_starting(self) -> None:
+        if _starting.get(self.kernel_id) is self:
+            del _starting[self.kernel_id]
 
     # -- persistence ---------------------------------------------------------------------
 

@@ -144,6 +144,8 @@ class Transport(paramiko.Transport):
             chan.__dict__["flexai_sink"](held[0] if len(held) == 1 else b"".join(held))
 
     def flush_all(self) -> None:
+        """Hand every channel's held data to its sink. (A connection that ends abruptly, by a
+        disconnect or a corrupt packet, drops what it still held, as it drops its channels.)"""
         while self.held:
             self.flush_held(next(iter(self.held)))
 
@@ -366,8 +368,10 @@ class SSHConnection:
         except BaseException:
             transport.close()
             raise
+        # Blocking reads: no wake-up every 0.1 s per idle transport. That also silences
+        # paramiko's own keepalives (sent from read timeouts); a dead link is found by TCP
+        # keepalives with TCP_USER_TIMEOUT (_tune_socket) and by the session's agent pings.
         sock.settimeout(None)
-        transport.set_keepalive(max(1, int(self._keepalive_interval)))
         self._transport = transport
 
     def _handshake(self, transport: paramiko.Transport, where: str) -> None:
@@ -442,6 +446,11 @@ class SSHConnection:
 
     def close(self) -> None:
         if self._transport is not None:
+            # Closing a socket does not wake a thread blocked reading it (nor send a FIN
+            # while that read holds it); shutting it down does both, so the transport's
+            # thread ends now instead of when the peer next sends or TCP gives up.
+            with contextlib.suppress(OSError):
+                self._transport.sock.shutdown(socket.SHUT_RDWR)
             self._transport.close()
 
 

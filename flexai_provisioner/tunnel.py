@@ -209,6 +209,11 @@ class Forwarder:
             self._interest(pipe)
 
     def _chan_readable(self, pipe: _Pipe) -> None:
+        with pipe.lock:
+            backlog = bool(pipe.to_sock)
+        if backlog:  # the end of file must not overtake it: _interest re-arms the channel
+            self._interest(pipe)
+            return
         try:
             data = pipe.chan.recv(CHUNK)  # with a sink, only ever end of file
         except TimeoutError:
@@ -287,7 +292,7 @@ class Forwarder:
             return
         done_in = pipe.sock_eof and not pipe.to_chan
         done_out = pipe.chan_eof and not pipe.to_sock
-        if (done_in and done_out) or pipe.chan.closed:
+        if (done_in and done_out) or (pipe.chan.closed and not pipe.to_sock):
             self.close_pipe(pipe)
             pipe.on_close(pipe)
 

@@ -206,7 +206,7 @@ async def test_lost_ssh_link_is_replaced_and_the_kernel_carries_on(emulator, ker
             os.kill(conn_pid, signum)
         try:
             # A count, not `connected`: a reconnect can begin and end between two polls.
-            await until(lambda: km.provisioner.reconnects == 1, 30, "the reconnection")
+            await until(lambda: km.provisioner.reconnects >= 1, 30, "the reconnection")
             await until(lambda: km.provisioner.connected, 30, "the new link to be up")
         finally:
             for conn_pid in conns:
@@ -255,12 +255,17 @@ async def test_a_start_cancelled_while_provisioning_deletes_the_instance_at_once
     km = AsyncKernelManager(kernel_name="flexai-a100")
     task = asyncio.ensure_future(km.start_kernel())
     await until(emulator.live_instances, 30, "the instance to be requested")
-    assert km.provisioner.kernel_id in starting()
-    began = time.monotonic()
-    assert km.provisioner.cancel_start("the user changed their mind")
-    with pytest.raises(StartCancelledError, match="the user changed their mind"):
-        await task
-    assert time.monotonic() - began < 10, "the start went on waiting for its instance"
+    try:
+        assert km.provisioner.kernel_id in starting()
+        began = time.monotonic()
+        assert km.provisioner.cancel_start("the user changed their mind")
+        with pytest.raises(StartCancelledError, match="the user changed their mind"):
+            await task
+        assert time.monotonic() - began < 10, "the start went on waiting for its instance"
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
     assert emulator.live_instances() == []
     assert starting() == {}
     assert not km.provisioner.cancel_start("again"), "nothing is left to cancel"

@@ -13,10 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import paramiko
 import pytest
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF
 
 from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
-from flexai_provisioner.ssh import SSHConnection, connect, generate_keypair
+from flexai_provisioner.ssh import SSHConnection, Transport, connect, generate_keypair, set_sink
 from flexai_provisioner.tunnel import Tunnel
 
 Handler = Callable[[socket.socket], None]
@@ -112,12 +114,13 @@ def test_bulk_output_arrives_whole_and_before_the_end_of_stream(forward):
 
 
 def test_a_slow_reader_holds_the_sender_back_and_loses_nothing(forward):
-    payload = os.urandom(24 * 1024 * 1024)
+    # Far more than the SSH window (8 MiB) plus every socket buffer on the way can hold.
+    payload = os.urandom(64 * 1024 * 1024)
     sent = threading.Event()
     sock = forward(lambda conn: (conn.sendall(payload), sent.set()))
     # Not reading: everything beyond the window and the socket buffers must wait remotely.
     time.sleep(1.0)
-    assert not sent.is_set(), "24 MiB were accepted with nobody reading: no back-pressure"
+    assert not sent.is_set(), "64 MiB were accepted with nobody reading: no back-pressure"
     received = recv_all(sock)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
@@ -129,10 +132,15 @@ def test_both_directions_and_a_half_close(forward):
 
     payload = os.urandom(3 * 1024 * 1024)
     sock = forward(echo)
-    writer = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+    written = threading.Event()
+    writer = threading.Thread(
+        target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR), written.set()),
+        daemon=True,
+    )
     writer.start()
     received = recv_all(sock)
     writer.join(30)
+    assert written.is_set(), "the client could not send all its data"
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
@@ -152,3 +160,36 @@ def test_each_small_message_is_passed_on_at_once(forward):
         while len(reply) < len(message):
             reply += sock.recv(64)
         assert reply == message.upper()
+
+
+def test_held_data_reaches_the_sink_before_the_end_of_its_channel():
+    """Data is held until the transport has handled its read; an EOF read with it must not
+    overtake it (checked on the handler table itself, no network timing involved)."""
+    ours, theirs = socket.socketpair()
+    transport = Transport(ours)
+    try:
+        chan = paramiko.Channel(7)
+        chan._set_transport(transport)
+        seen: list[tuple[bytes, bool]] = []
+        assert set_sink(chan, lambda data: seen.append((data, chan.eof_received)))
+        for part in (b"one ", b"two"):
+            m = paramiko.Message()
+            m.add_string(part)
+            m.rewind()
+            transport._channel_handler_table[MSG_CHANNEL_DATA](chan, m)
+        assert seen == [], "passed on before the transport finished its read"
+        transport._channel_handler_table[MSG_CHANNEL_EOF](chan, paramiko.Message())
+        assert seen == [(b"one two", False)]
+        assert chan.eof_received
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_closing_a_connection_ends_its_thread_at_once(link):
+    transport = link.transport
+    link.exec("cat")  # an open session, as the kernel agent's: sshd then sends nothing more
+    assert transport.is_alive()
+    link.close()
+    transport.join(2)
+    assert not transport.is_alive(), "the transport thread is still blocked reading"

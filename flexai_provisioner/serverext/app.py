@@ -374,17 +374,29 @@ class FlexAIExtension(ExtensionApp):
     ) -> dict[str, Any]:
         """Shut the kernel on ``instance_id`` down, or cancel its start; either deletes the
         instance."""
-        pending = [k for k, p in starting().items() if p.instance_id == instance_id]
-        if pending:
-            # Still provisioning: jupyter_server has no kernel to shut down yet (its start
-            # request is waiting), so the start itself is abandoned.
-            kernel_id = pending[0]
-            self.log.info("cancelling the start of FlexAI kernel %s: %s", kernel_id, reason)
-            starting()[kernel_id].cancel_start(reason)
-            await self.start_ended(kernel_id)
-        else:
-            kernel_id, _ = self.kernel_on(instance_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while True:
+            pending = [k for k, p in starting().items() if p.instance_id == instance_id]
+            if pending:
+                # Still provisioning: jupyter_server has no kernel to shut down yet (its
+                # start request is waiting), so the start itself is abandoned.
+                kernel_id = pending[0]
+                self.log.info("cancelling the start of FlexAI kernel %s: %s", kernel_id, reason)
+                starting()[kernel_id].cancel_start(reason)
+                await self.start_ended(kernel_id)
+                break
+            try:
+                kernel_id, _ = self.kernel_on(instance_id)
+            except ComputeError:
+                # A start that has just ended is briefly neither starting nor listed by
+                # jupyter_server; any other unknown instance is a 404 at once.
+                if not self.just_started(instance_id) or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+                continue
             await self.shutdown(kernel_id, reason)
+            break
         last = progress.history(kernel_id)[-1:]
         cost = last[0].cost_usd if last and last[0].phase == "shut down" else None
         return {
@@ -393,6 +405,15 @@ class FlexAIExtension(ExtensionApp):
             "state": "deleted",
             "cost_usd": None if cost is None else round(cost, 6),
         }
+
+    @staticmethod
+    def just_started(instance_id: str) -> bool:
+        """Whether a kernel's start got ``instance_id`` and reached ``ready`` as its last phase."""
+        for kernel_id in progress.registry.kernel_ids():
+            phases = progress.history(kernel_id)
+            if phases and phases[-1].phase == "ready" and phases[-1].instance_id == instance_id:
+                return True
+        return False
 
     async def start_ended(self, kernel_id: str, timeout: float = 300.0) -> None:
         """Until a cancelled start has deleted its instance (its ``shut down`` phase)."""
