@@ -273,26 +273,41 @@ def test_jupyter_sessions_api_runs_flexai_kernels(server, emulator):
     assert ok(server.get("api/sessions")) == []
 
 
-def test_progress_is_visible_while_the_instance_boots(server, emulator):
-    emulator.update_faults(provision_delay=2.0)
+@contextlib.contextmanager
+def selecting(server, timeout: float = 60) -> Iterator[dict[str, requests.Response]]:
+    """POST api/compute/select in a thread (it answers once the kernel is ready); the dict
+    holds the response after the block."""
     result: dict[str, requests.Response] = {}
     select = threading.Thread(
         target=lambda: result.update(
             response=server.post("api/compute/select", json={"gpu_type": "A100"})
-        )
+        ),
+        daemon=True,
     )
     select.start()
     try:
+        yield result
+    finally:
+        select.join(timeout)
+    assert not select.is_alive(), f"select did not answer within {timeout:g} s"
 
-        def booting() -> dict | None:
-            kernels = ok(server.get("api/compute/progress"))["kernels"]
-            return next((k for k in kernels if k["phase"] == "booting"), None)
 
-        during = until(booting, "a kernel in its booting phase")
+def booting_kernel(server) -> dict:
+    """The progress model of the first kernel seen in its booting phase."""
+
+    def booting() -> dict | None:
+        kernels = ok(server.get("api/compute/progress"))["kernels"]
+        return next((k for k in kernels if k["phase"] == "booting"), None)
+
+    return until(booting, "a kernel in its booting phase")
+
+
+def test_progress_is_visible_while_the_instance_boots(server, emulator):
+    emulator.update_faults(provision_delay=2.0)
+    with selecting(server) as result:
+        during = booting_kernel(server)
         assert phase_names(during)[0] == "requesting"
         assert during["phases"][-1]["instance_id"] in emulator.live_instances()
-    finally:
-        select.join(60)
     selected = ok(result["response"], 201)
     assert selected["kernel_id"] == during["kernel_id"]
     assert phase_names(selected)[-1] == "ready"
@@ -302,20 +317,9 @@ def test_progress_is_visible_while_the_instance_boots(server, emulator):
 
 def test_stop_while_the_instance_boots_cancels_the_start(server, emulator):
     emulator.update_faults(provision_delay=60)
-    result: dict[str, requests.Response] = {}
-    select = threading.Thread(
-        target=lambda: result.update(
-            response=server.post("api/compute/select", json={"gpu_type": "A100"})
-        )
-    )
-    select.start()
-    try:
-
-        def booting() -> dict | None:
-            kernels = ok(server.get("api/compute/progress"))["kernels"]
-            return next((k for k in kernels if k["phase"] == "booting"), None)
-
-        during = until(booting, "a kernel in its booting phase")
+    # Far less than the boot: a start still waiting then would not have been cancelled.
+    with selecting(server, timeout=30) as result:
+        during = booting_kernel(server)
         instance_id = during["phases"][-1]["instance_id"]
         stopped = ok(server.post(f"api/compute/instance/{instance_id}/stop"))
         assert (stopped["kernel_id"], stopped["instance_id"], stopped["state"]) == (
@@ -324,9 +328,6 @@ def test_stop_while_the_instance_boots_cancels_the_start(server, emulator):
             "deleted",
         )
         assert emulator.live_instances() == []
-    finally:
-        select.join(30)
-    assert not select.is_alive(), "the start went on after it was cancelled"
     message = error(result["response"], 409)
     assert "cancelled (stopped through the compute API)" in message
     final = ok(server.get(f"api/compute/progress/{during['kernel_id']}"))
