@@ -377,13 +377,9 @@ class FlexAIExtension(ExtensionApp):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5.0
         while True:
-            pending = [k for k, p in starting().items() if p.instance_id == instance_id]
-            if pending:
-                # Still provisioning: jupyter_server has no kernel to shut down yet (its
-                # start request is waiting), so the start itself is abandoned.
-                kernel_id = pending[0]
-                self.log.info("cancelling the start of FlexAI kernel %s: %s", kernel_id, reason)
-                starting()[kernel_id].cancel_start(reason)
+            cancelled = self.cancel_start_on(instance_id, reason)
+            if cancelled is not None:
+                kernel_id = cancelled
                 await self.start_ended(kernel_id)
                 break
             try:
@@ -405,6 +401,18 @@ class FlexAIExtension(ExtensionApp):
             "state": "deleted",
             "cost_usd": None if cost is None else round(cost, 6),
         }
+
+    def cancel_start_on(self, instance_id: str, reason: str) -> str | None:
+        """Cancel the start that got ``instance_id``, if one is under way; its kernel id.
+
+        jupyter_server has no kernel to shut down while a start request waits for its
+        instance, so the start itself is abandoned.
+        """
+        for kernel_id, provisioner in starting().items():
+            if provisioner.instance_id == instance_id and provisioner.cancel_start(reason):
+                self.log.info("cancelling the start of FlexAI kernel %s: %s", kernel_id, reason)
+                return kernel_id
+        return None
 
     @staticmethod
     def just_started(instance_id: str) -> bool:
