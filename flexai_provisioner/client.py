@@ -325,14 +325,13 @@ def wait_running(
     flight finishes first (bounded by the client's timeout and retries).
     """
     stop = cancel or threading.Event()
+    cancelled = f"cancelled while waiting for instance {instance_id} to start"
     deadline = time.monotonic() + timeout
     interval, last = 0.02, None
     fast_until = time.monotonic() + 1.0
     while True:
         if stop.is_set():
-            raise StartCancelledError(
-                f"cancelled while waiting for instance {instance_id} to start"
-            )
+            raise StartCancelledError(cancelled)
         instance = platform.get_instance(instance_id)
         if instance.state != last:
             last = instance.state
@@ -357,9 +356,7 @@ def wait_running(
                 f"{_note(instance)}; raise c.FlexAIProvisioner.provision_timeout to wait longer"
             )
         if stop.wait(min(interval, remaining)):
-            raise StartCancelledError(
-                f"cancelled while waiting for instance {instance_id} to start"
-            )
+            raise StartCancelledError(cancelled)
         if time.monotonic() > fast_until:
             interval = min(interval * 2, 2.0)
 

@@ -80,7 +80,9 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         30.0, help="Seconds allowed for the TCP connect, SSH handshake and login."
     ).tag(config=True)
     ssh_keepalive_interval = Float(
-        5.0, help="Seconds between SSH keepalives; a link silent for 3 of them is dead."
+        5.0,
+        help="Seconds between checks that the SSH link is alive (TCP keepalives, pings of "
+        "the kernel's agent); a link silent for 3 of them is dead.",
     ).tag(config=True)
     reconnect_timeout = Float(
         120.0,
@@ -313,8 +315,6 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 session.provision, self.gpu_type, self.gpu_count, self.kernel_id, phase
             )
             await self._in_thread(session.connect, phase)
-            if session.cancel.is_set():
-                raise StartCancelledError("kernel start cancelled")
             self._save_key(key)
             phase("starting kernel")
         except BaseException as e:
@@ -343,11 +343,8 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "signature_scheme": info["signature_scheme"],
             "kernel_name": info.get("kernel_name", ""),
         }
-        session = self._session
         try:
-            await self._in_thread(session.launch_kernel, cmd, connection, remote_env)
-            if session.cancel.is_set():
-                raise StartCancelledError("kernel start cancelled")
+            await self._in_thread(self._session.launch_kernel, cmd, connection, remote_env)
         except BaseException as e:
             # No kernel, so nothing is worth the instance's price: a later start provisions anew.
             await self._abandon_start(e)

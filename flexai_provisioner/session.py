@@ -94,9 +94,13 @@ class InstanceSession:
         with self._starting:
             self._provision(gpu_type, gpu_count, kernel_id, phase)
 
-    def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
+    def _check_cancelled(self) -> None:
+        """Between start steps: stop if the start was cancelled (what exists is torn down)."""
         if self.cancel.is_set():
             raise StartCancelledError("kernel start cancelled")
+
+    def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
+        self._check_cancelled()
         phase("requesting")
         self.ledger.record_request(self.request_key, self.api_url, kernel_id, gpu_type)
         labels = {
@@ -137,10 +141,10 @@ class InstanceSession:
         """Open the SSH connection and the local ports the kernel will be reached on."""
         phase("connecting")
         with self._starting:
-            if self.cancel.is_set():
-                raise StartCancelledError("kernel start cancelled")
+            self._check_cancelled()
             self.conn = self._connect()
             self.tunnel = Tunnel(PORT_NAMES)
+        self._check_cancelled()
 
     def _connect(self) -> SSHConnection:
         assert self.instance is not None and self.instance.ssh is not None
@@ -165,6 +169,7 @@ class InstanceSession:
             timeout=self.settings.launch_timeout,
         )
         self.tunnel.retarget(self.conn.transport, self.kernel.ports)
+        self._check_cancelled()
         return self.kernel
 
     def reattach(

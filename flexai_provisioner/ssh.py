@@ -333,11 +333,10 @@ class SSHConnection:
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive_interval
         self._use_agent = use_agent
-        self._transport: paramiko.Transport | None = None
-        self._sock: _Socket | None = None
+        self._transport: Transport | None = None
 
     @property
-    def transport(self) -> paramiko.Transport:
+    def transport(self) -> Transport:
         if self._transport is None:
             raise SSHError("not connected")
         return self._transport
@@ -357,7 +356,6 @@ class SSHConnection:
         transport = Transport(
             sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
         )
-        self._sock = transport.sock
         transport.set_log_channel(TRANSPORT_LOG)
         transport.banner_timeout = self._connect_timeout
         transport.auth_timeout = self._connect_timeout
@@ -422,8 +420,7 @@ class SSHConnection:
             window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE, timeout=self._connect_timeout
         )
         chan.exec_command(command)
-        if self._sock is not None:
-            self._sock.quickack = False  # sshd has set TCP_NODELAY for the running session
+        self.transport.sock.quickack = False  # sshd has set TCP_NODELAY for the running session
         return chan
 
     def run(self, command: str, stdin: bytes = b"", timeout: float = 30.0) -> tuple[int, bytes]:
