@@ -80,7 +80,9 @@ class FlexAIClient(Platform):
         api_url: str | None = None,
         api_key: str | None = None,
         *,
-        timeout: float = 30.0,
+        timeout: float = 20.0,
+        connect_timeout: float = 5.0,
+        deadline: float = 25.0,
         max_retries: int = 5,
         backoff: float = 0.2,
         max_backoff: float = 10.0,
@@ -91,7 +93,10 @@ class FlexAIClient(Platform):
 
         ``allow_insecure`` permits ``http://`` to a non-loopback host, which would send the key in
         clear text. ``backoff`` is the first retry's maximum delay; it doubles up to
-        ``max_backoff``, which also caps a server's ``Retry-After``.
+        ``max_backoff``, which also caps a server's ``Retry-After``. Each request may take
+        ``connect_timeout`` to connect and ``timeout`` to answer, and one call, retries
+        included, at most ``deadline`` seconds: an API that accepts connections and never
+        answers is an error within ``deadline``.
         """
         api_url = api_url or os.environ.get("FLEXAI_API_URL")
         api_key = api_key or os.environ.get("FLEXAI_API_KEY")
@@ -101,6 +106,8 @@ class FlexAIClient(Platform):
         self.api_url = _check_url(api_url, allow_insecure)
         self._auth = _BearerAuth(_check_key(api_key))
         self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._deadline = deadline
         self._max_retries = max_retries
         self._backoff = backoff
         self._max_backoff = max_backoff
@@ -209,34 +216,41 @@ class FlexAIClient(Platform):
         url = self.api_url + path
         headers = {"User-Agent": f"flexai-provisioner/{__version__}", **kwargs.pop("headers", {})}
         attempt = 0
+        started = time.monotonic()
+        deadline = started + self._deadline
         while True:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            read_timeout = min(self._timeout, remaining)
             try:
                 resp = self._session.request(
                     method,
                     url,
                     headers=headers,
                     auth=self._auth,  # an explicit auth also keeps ~/.netrc from replacing ours
-                    timeout=self._timeout,
+                    timeout=(min(self._connect_timeout, remaining), read_timeout),
                     allow_redirects=False,
                     **kwargs,
                 )
             except _TRANSIENT as exc:
-                if attempt == self._max_retries:
-                    raise PlatformUnreachableError(
-                        f"cannot reach the FlexAI API at {self.api_url} ({self._reason(exc)}, "
-                        f"{attempt + 1} attempts); check FLEXAI_API_URL, or that "
-                        "`jupyter flexai emulator` is running"
-                    ) from None
-                failure, retry_after = type(exc).__name__, None
+                failure, retry_after, resp = type(exc).__name__, None, None
+                reason = self._reason(exc, read_timeout)
             except requests.RequestException as exc:
                 raise PlatformError(
                     f"cannot send {method} {path} to {self.api_url}: {type(exc).__name__}"
                 ) from None
             else:
-                if resp.status_code not in _RETRY_STATUSES or attempt == self._max_retries:
+                if resp.status_code not in _RETRY_STATUSES:
                     return resp, attempt + 1
                 failure, retry_after = f"HTTP {resp.status_code}", _retry_after(resp)
             delay = self._delay(attempt, retry_after)
+            if attempt == self._max_retries or time.monotonic() + delay >= deadline:
+                if resp is not None:
+                    return resp, attempt + 1
+                raise PlatformUnreachableError(
+                    f"cannot reach the FlexAI API at {self.api_url} ({reason}, "
+                    f"{attempt + 1} attempts in {time.monotonic() - started:.0f} s); check "
+                    "FLEXAI_API_URL, or that `jupyter flexai emulator` is running"
+                ) from None
             attempt += 1
             log.debug(
                 "retrying %s %s after %s in %.2f s (retry %d of %d)",
@@ -245,14 +259,15 @@ class FlexAIClient(Platform):
             time.sleep(delay)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter; a server's Retry-After wins. Both capped."""
-        if retry_after is not None:
-            return min(retry_after, self._max_backoff)
-        return random.uniform(0, min(self._max_backoff, self._backoff * 2**attempt))
+        """Exponential backoff with jitter in its upper half, so retries always spread over
+        seconds (a ``Retry-After: 0`` storm must not use them all at once); a longer
+        Retry-After wins. Capped at ``max_backoff``."""
+        step = min(self._max_backoff, self._backoff * 2**attempt)
+        return min(max(retry_after or 0.0, random.uniform(step / 2, step)), self._max_backoff)
 
-    def _reason(self, exc: Exception) -> str:
+    def _reason(self, exc: Exception, timeout: float) -> str:
         if isinstance(exc, requests.Timeout):
-            return f"no answer within {self._timeout:g} s"
+            return f"no answer within {timeout:.3g} s"
         return _os_reason(exc) or type(exc).__name__
 
     def _error(
@@ -277,7 +292,7 @@ class FlexAIClient(Platform):
                 status=status,
                 code=code,
             )
-        if status == 404:
+        if status in (404, 410):
             return NotFoundError(message, status=status, code=code)
         if status in (400, 409):
             if code == "unknown_gpu_type":

@@ -81,3 +81,7 @@ class SSHAuthenticationError(SSHError):
 
 class KernelLaunchError(FlexAIError):
     """ipykernel could not be started on the instance."""
+
+
+class LedgerError(FlexAIError):
+    """The local ledger of instances could not be read or written."""

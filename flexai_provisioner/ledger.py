@@ -4,21 +4,41 @@ A row is written *before* the provision request is sent (keyed by the request's
 idempotency key), gets the instance id once the platform answers, and is closed only when
 the platform confirms the deletion. If the owning process dies first (a ``kill -9`` of the
 server or of ``jupyter execute``), ``jupyter flexai gc`` (and every new provisioner) finds
-the row and deletes the instance.
+the row and deletes the instance. A deletion that failed (an API outage) leaves the row
+marked *owed*; owed deletions are retried whoever the owner is.
+
+Each ledger has an owner id, random and kept beside it (``owner-id``), which every
+instance it creates carries as a label: what carries another id belongs to someone else
+(another machine, container or user sharing the API key) and is never reaped from here.
+Whether an owner died is decided only from what this machine can see: a row's owner
+died if it ran on this host, in this boot and this PID namespace, and no process with its
+pid and start time is left. Anything else (a container with the same hostname, a cloned
+VM, a /proc we cannot read) counts as alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import secrets
 import socket
 import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
+
+from .errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+#: Seconds a call waits for another process's lock on the ledger before giving up.
+LOCK_TIMEOUT = 5.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -34,28 +54,70 @@ CREATE TABLE IF NOT EXISTS instances (
     deleted_at    REAL
 )
 """
+#: Columns added since the first schema, added to older ledgers when they are opened.
+ADDED_COLUMNS = {
+    "owner_boot": "TEXT",
+    "owner_pidns": "TEXT",
+    "key_file": "TEXT",
+    "delete_owed": "TEXT",  # why the last deletion failed; set while one is owed
+}
+COLUMNS = (
+    "request_key, instance_id, api_url, kernel_id, gpu_type, owner_host, owner_boot,"
+    " owner_pidns, owner_pid, owner_started, created_at, key_file, delete_owed"
+)
 
 
 def process_start_time(pid: int) -> float | None:
-    """When ``pid`` started (clock ticks since boot), so a reused pid is not taken for its owner."""
+    """When ``pid`` started (clock ticks since boot), so a reused pid is not taken for its owner.
+
+    None if no such process exists; :class:`PermissionError` if /proc hides it.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     return float(stat.rsplit(")", 1)[1].split()[19])
 
 
-def owner_identity() -> tuple[str, int, float]:
-    """This process as an owner: host, pid, start time."""
-    pid = os.getpid()
-    return socket.gethostname(), pid, process_start_time(pid) or 0.0
+@functools.cache
+def _machine() -> tuple[str, str, str]:
+    """This host's name, boot id and PID namespace ("" where they cannot be read)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return socket.gethostname(), boot, pidns
 
 
-def owner_alive(host: str, pid: int, started: float) -> bool:
-    """Whether the owner still runs. Owners on other hosts are presumed alive."""
-    if host != socket.gethostname():
-        return True
-    return process_start_time(pid) == started
+@dataclass(frozen=True)
+class Owner:
+    """A process that owns instances: where it runs and which process it is."""
+
+    host: str
+    boot: str
+    pidns: str
+    pid: int
+    started: float
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        pid = os.getpid()
+        host, boot, pidns = _machine()
+        return cls(host, boot, pidns, pid, process_start_time(pid) or 0.0)
+
+    def died(self) -> bool:
+        """True only if this machine can see that the owner is gone (see the module doc)."""
+        host, boot, pidns = _machine()
+        if not (boot and pidns) or (self.host, self.boot, self.pidns) != (host, boot, pidns):
+            return False  # another machine, boot or PID namespace: we cannot know
+        try:
+            return process_start_time(self.pid) != self.started
+        except OSError:
+            return False  # hidden from us (hidepid): presume alive
 
 
 @dataclass(frozen=True)
@@ -65,10 +127,10 @@ class Entry:
     api_url: str
     kernel_id: str | None
     gpu_type: str | None
-    owner_host: str
-    owner_pid: int
-    owner_started: float
+    owner: Owner
     created_at: float
+    key_file: str | None
+    delete_owed: str | None  # why the last deletion failed, while one is owed
 
 
 def default_path() -> Path:
@@ -76,17 +138,87 @@ def default_path() -> Path:
 
 
 class Ledger:
-    """The SQLite ledger; each call opens its own connection, so any thread may use it."""
+    """The SQLite ledger; each call opens its own connection, so any thread may use it.
+
+    Every failure is a :class:`LedgerError` naming the file. A file that is not a database
+    is moved aside (``<name>.corrupt-<time>``) and a fresh ledger started, so a damaged
+    ledger never blocks a start; a lock held by another process is waited for at most
+    :data:`LOCK_TIMEOUT` seconds.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None = None):
         self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise LedgerError(f"cannot create the FlexAI ledger's directory: {e}") from None
+        self.owner_id = self._owner_id()
+        try:
+            try:
+                self._create()
+            except sqlite3.DatabaseError as e:
+                if not _corrupt(e):
+                    raise
+                self._move_aside()
+                self._create()
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+
+    def _owner_id(self) -> str:
+        """This ledger's random owner id, created with the ledger and kept beside it (so a
+        ledger moved aside as corrupt keeps its id and its instances stay recognisable)."""
+        path = self.path.with_name("owner-id")
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_text().strip()
+        new = path.with_name(f".owner-id.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            new.write_text(secrets.token_hex(16) + "\n")
+            os.chmod(new, 0o600)
+            with contextlib.suppress(FileExistsError):  # a concurrent first open won
+                os.link(new, path)
+            return path.read_text().strip()
+        except OSError as e:
+            raise LedgerError(f"cannot write the FlexAI ledger's owner id {path}: {e}") from None
+        finally:
+            new.unlink(missing_ok=True)
+
+    def _create(self) -> None:
         with self._db() as db:
             db.execute(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE instances ADD COLUMN {name} {kind}")
+
+    def _move_aside(self) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as e:
+            raise LedgerError(f"the FlexAI ledger {self.path} is corrupt and cannot be moved "
+                              f"aside ({e.strerror}): move or delete it") from None  # fmt: skip
+        for suffix in ("-journal", "-wal", "-shm"):
+            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        log.warning(
+            "the FlexAI ledger %s was not a readable database: moved it to %s and started a "
+            "new one (instances recorded only there are still found by their owner labels)",
+            self.path,
+            aside,
+        )
+
+    def _error(self, e: sqlite3.Error) -> LedgerError:
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            return LedgerError(
+                f"the FlexAI ledger {self.path} stayed locked by another process for "
+                f"{LOCK_TIMEOUT:g} s; retry, or find the process holding it (`fuser {self.path}`)"
+            )
+        return LedgerError(f"the FlexAI ledger {self.path} failed: {e}")
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+        """A connection in a transaction; sqlite3 errors are the caller's to map."""
+        db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT)
         try:
             with db:
                 yield db
@@ -95,56 +227,90 @@ class Ledger:
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
 
+    def _write(self, query: str, args: tuple[object, ...]) -> None:
+        try:
+            with self._db() as db:
+                db.execute(query, args)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+
     def record_request(self, request_key: str, api_url: str, kernel_id: str, gpu_type: str) -> None:
-        host, pid, started = owner_identity()
-        with self._db() as db:
-            db.execute(
-                "INSERT INTO instances (request_key, api_url, kernel_id, gpu_type, owner_host,"
-                " owner_pid, owner_started, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (request_key, api_url, kernel_id, gpu_type, host, pid, started, time.time()),
-            )
+        o = Owner.this_process()
+        self._write(
+            "INSERT INTO instances (request_key, api_url, kernel_id, gpu_type, owner_host,"
+            " owner_boot, owner_pidns, owner_pid, owner_started, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (request_key, api_url, kernel_id, gpu_type, o.host, o.boot, o.pidns, o.pid,
+             o.started, time.time()),
+        )  # fmt: skip
 
     def record_instance(self, request_key: str, instance_id: str) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE instances SET instance_id = ? WHERE request_key = ?",
-                (instance_id, request_key),
-            )
+        self._write(
+            "UPDATE instances SET instance_id = ? WHERE request_key = ?", (instance_id, request_key)
+        )
+
+    def record_key_file(self, request_key: str, key_file: str) -> None:
+        """The per-kernel private key's file, removed by ``gc`` if its owner dies."""
+        self._write(
+            "UPDATE instances SET key_file = ? WHERE request_key = ?", (key_file, request_key)
+        )
 
     def adopt(self, request_key: str) -> None:
         """Make this process the owner (a server that reattached to a persisted kernel)."""
-        host, pid, started = owner_identity()
-        with self._db() as db:
-            db.execute(
-                "UPDATE instances SET owner_host = ?, owner_pid = ?, owner_started = ?"
-                " WHERE request_key = ?",
-                (host, pid, started, request_key),
-            )
+        o = Owner.this_process()
+        self._write(
+            "UPDATE instances SET owner_host = ?, owner_boot = ?, owner_pidns = ?,"
+            " owner_pid = ?, owner_started = ? WHERE request_key = ?",
+            (o.host, o.boot, o.pidns, o.pid, o.started, request_key),
+        )
+
+    def mark_owed(self, request_key: str, reason: str) -> None:
+        """Record that deleting this request's instance failed, so anyone may retry it."""
+        self._write(
+            "UPDATE instances SET delete_owed = ? WHERE request_key = ?", (reason, request_key)
+        )
 
     def mark_deleted(self, request_key: str) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE instances SET deleted_at = ? WHERE request_key = ?",
-                (time.time(), request_key),
-            )
+        self._write(
+            "UPDATE instances SET deleted_at = ? WHERE request_key = ?", (time.time(), request_key)
+        )
 
     def live(self, api_url: str | None = None) -> list[Entry]:
         """Rows whose instance has not been confirmed deleted."""
-        query = (
-            "SELECT request_key, instance_id, api_url, kernel_id, gpu_type, owner_host,"
-            " owner_pid, owner_started, created_at FROM instances WHERE deleted_at IS NULL"
-        )
+        query = f"SELECT {COLUMNS} FROM instances WHERE deleted_at IS NULL"
         args: tuple[str, ...] = ()
         if api_url is not None:
             query += " AND api_url = ?"
             args = (api_url,)
-        with self._db() as db:
-            return [Entry(*row) for row in db.execute(query, args)]
+        try:
+            with self._db() as db:
+                rows = list(db.execute(query, args))
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        return [_entry(row) for row in rows]
 
     def orphans(self, api_url: str | None = None) -> list[Entry]:
-        """Live rows whose owning process is gone."""
-        return [
-            e
-            for e in self.live(api_url)
-            if not owner_alive(e.owner_host, e.owner_pid, e.owner_started)
-        ]
+        """Live rows whose deletion is owed, or whose owning process is gone."""
+        return [e for e in self.live(api_url) if e.delete_owed or e.owner.died()]
+
+
+def _entry(row: tuple[object, ...]) -> Entry:
+    (request_key, instance_id, api_url, kernel_id, gpu_type, host, boot, pidns, pid,
+     started, created_at, key_file, owed) = row  # fmt: skip
+    owner = Owner(str(host), str(boot or ""), str(pidns or ""), int(pid), float(started))
+    return Entry(
+        str(request_key),
+        instance_id and str(instance_id),
+        str(api_url),
+        kernel_id and str(kernel_id),
+        gpu_type and str(gpu_type),
+        owner,
+        float(created_at),
+        key_file and str(key_file),
+        owed and str(owed),
+    )
+
+
+def _corrupt(e: sqlite3.DatabaseError) -> bool:
+    """Whether the file is not (or no longer) an SQLite database, as opposed to busy or full."""
+    return not isinstance(e, sqlite3.OperationalError)

@@ -32,7 +32,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
-from . import progress
+from . import exit_cleanup, progress
 from .client import FlexAIClient, credentials_path
 from .errors import ConfigurationError, FlexAIError, StartCancelledError
 from .ledger import Ledger
@@ -91,6 +91,13 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     ).tag(config=True)
     delete_timeout = Float(
         60.0, help="Seconds to wait for the platform to confirm an instance's deletion."
+    ).tag(config=True)
+    api_timeout = Float(
+        25.0,
+        help="Seconds one FlexAI API call may take, retries included, before it fails "
+        "(each request also gives up after 5 s connecting or 20 s without an answer). A "
+        "start against an API that never answers fails within twice this (the request, "
+        "then the check that it created nothing).",
     ).tag(config=True)
     instance_ttl = Integer(
         900,
@@ -210,6 +217,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "ssh_keepalive_interval",
             "reconnect_timeout",
             "delete_timeout",
+            "api_timeout",
         ):
             seconds = getattr(self, name)
             if not (math.isfinite(seconds) and seconds > 0):
@@ -227,10 +235,11 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return load_private_key(self.ssh_key_file, self.ssh_key_passphrase or None)
         return generate_keypair(f"flexai-kernel-{self.kernel_id}")
 
-    def _save_key(self, key: KeyPair) -> None:
+    def _save_key(self, key: KeyPair, session: InstanceSession) -> None:
         """Keep the per-kernel key in a 0600 runtime file, so a restarted server can reattach.
 
         A user's own key (``ssh_key_file``) is never copied: reattaching reads it again.
+        The ledger knows the file, so ``jupyter flexai gc`` removes it if this process dies.
         """
         if self.ssh_key_file:
             return
@@ -240,6 +249,10 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_openssh)
         self._key_file = path
+        session.ledger.record_key_file(session.request_key, str(path))
+
+    def _client(self, api_url: str | None) -> FlexAIClient:
+        return FlexAIClient(api_url, self.api_key or None, deadline=self.api_timeout)
 
     def _remove_key(self) -> None:
         if self._key_file is not None:
@@ -297,7 +310,8 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _bring_up(self) -> None:
         """Provision, wait, connect; on any failure or cancellation delete what exists."""
         self._check_config()
-        platform = FlexAIClient(self.api_url or None, self.api_key or None)
+        exit_cleanup.install_signal_handler()
+        platform = self._client(self.api_url or None)
         ledger = Ledger()
         if self.reap_orphans_at_start:
             # In the background: an orphan's deletion must not delay this kernel's start.
@@ -315,7 +329,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 session.provision, self.gpu_type, self.gpu_count, self.kernel_id, phase
             )
             await self._in_thread(session.connect, phase)
-            self._save_key(key)
+            await self._in_thread(self._save_key, key, session)
             phase("starting kernel")
         except BaseException as e:
             await self._abandon_start(e)
@@ -431,9 +445,11 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         deleted = asyncio.ensure_future(self._in_thread(session.teardown))
         # A start is over once its instance is deleted, even if our caller stops waiting.
         deleted.add_done_callback(lambda _: self._not_starting())
-        # Shielded: a second cancellation must not abandon a half-deleted instance.
-        await asyncio.shield(deleted)
-        self._remove_key()
+        try:
+            # Shielded: a second cancellation must not abandon a half-deleted instance.
+            await asyncio.shield(deleted)
+        finally:
+            self._remove_key()  # the instance is gone or its deletion owed: the key is no use
         progress.report_shutdown(self.log, self.kernel_id, session.instance)
 
     def _not_starting(self) -> None:
@@ -465,7 +481,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         saved = provisioner_info.get("flexai")
         if not saved or not saved.get("kernel") or not saved.get("key_file"):
             raise ConfigurationError("provisioner info holds no FlexAI kernel to reattach to")
-        platform = FlexAIClient(saved["api_url"], self.api_key or None)
+        platform = self._client(saved["api_url"])
         own_key = saved["key_file"] == self.ssh_key_file
         key = load_private_key(saved["key_file"], self.ssh_key_passphrase if own_key else None)
         session = InstanceSession(

@@ -13,6 +13,7 @@ not anyone drives the Jupyter event loop (``jupyter execute`` only runs it insid
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -24,11 +25,12 @@ from dataclasses import dataclass, field
 
 import paramiko
 
-from .client import wait_deleted, wait_running
-from .errors import FlexAIError, NotFoundError, PlatformError, StartCancelledError
-from .ledger import Ledger, owner_identity
+from . import exit_cleanup
+from .client import wait_running
+from .errors import FlexAIError, LedgerError, NotFoundError, PlatformError, StartCancelledError
+from .ledger import Ledger, Owner
 from .platform import Instance, InstanceState, Platform
-from .reaper import LABEL_KERNEL, LABEL_REQUEST, owner_labels
+from .reaper import LABEL_KERNEL, LABEL_REQUEST, delete_request, owner_labels
 from .remote_kernel import RemoteKernel
 from .ssh import KeyPair, SSHConnection, connect
 from .tunnel import Tunnel
@@ -103,11 +105,12 @@ class InstanceSession:
         self._check_cancelled()
         phase("requesting")
         self.ledger.record_request(self.request_key, self.api_url, kernel_id, gpu_type)
+        exit_cleanup.register(self)
         labels = {
             **self.settings.labels,
             LABEL_KERNEL: kernel_id,
             LABEL_REQUEST: self.request_key,
-            **owner_labels(*owner_identity()),
+            **owner_labels(self.ledger.owner_id, Owner.this_process()),
         }
         self.instance = self.platform.provision(
             gpu_type,
@@ -184,6 +187,7 @@ class InstanceSession:
         self.instance = self.platform.get_instance(instance_id)
         if self.instance.state is not InstanceState.RUNNING or self.instance.ssh is None:
             raise FlexAIError(f"instance {instance_id} is {self.instance.state.value}, not running")
+        exit_cleanup.register(self)
         Supervisor.instance().add(self)
         self.conn = self._connect()
         self.tunnel = Tunnel(PORT_NAMES, local_ports)
@@ -217,8 +221,8 @@ class InstanceSession:
 
     def tick(self, now: float) -> None:
         """Supervisor work: reconnect a dead link, send a due heartbeat. Must not block."""
-        if self._closed or self.instance is None:
-            return
+        if self._closed or self.instance is None or self.lost_reason is not None:
+            return  # a lost kernel's lease is left to expire: nothing will use it again
         ttl = self.settings.instance_ttl
         if ttl and now >= self._next_heartbeat:
             self._next_heartbeat = now + max(1.0, ttl / 3)
@@ -276,7 +280,11 @@ class InstanceSession:
         try:
             while not self.cancel.is_set() and not self._closed:
                 try:
-                    self.instance = self.platform.get_instance(self.instance.id)
+                    try:
+                        self.instance = self.platform.get_instance(self.instance.id)
+                    except NotFoundError:
+                        self.lost_reason = f"instance {self.instance.id} no longer exists"
+                        break
                     if self.instance.state is not InstanceState.RUNNING:
                         self.lost_reason = (
                             f"instance {self.instance.id} is {self.instance.state.value}"
@@ -322,52 +330,127 @@ class InstanceSession:
         kernel.detach()
 
     def teardown(self) -> None:
-        """Delete the instance and release everything local. Safe to call more than once."""
+        """Delete the instance and release everything local. Safe to call more than once.
+
+        If the platform fails to delete it, the deletion is owed: recorded in the ledger and
+        retried by the supervisor until it succeeds (and by ``jupyter flexai gc``).
+        """
         self.cancel.set()
         with self._starting:
             if self._closed:
                 return
             self._closed = True
-        Supervisor.instance().remove(self)
-        if self.kernel is not None:
-            self.kernel.detach()
-            self.kernel = None
-        if self.tunnel is not None:
-            self.tunnel.close()
-        if self.conn is not None:
-            self.conn.close()
-        self.delete_instance()
+        try:
+            Supervisor.instance().remove(self)
+            if self.kernel is not None:
+                self.kernel.detach()
+                self.kernel = None
+            if self.tunnel is not None:
+                self.tunnel.close()
+            if self.conn is not None:
+                self.conn.close()
+            self.delete_instance()
+        finally:
+            exit_cleanup.unregister(self)
 
     def delete_instance(self) -> None:
-        if self.instance is None:
-            # The POST may have created it without our hearing back: ask by request label.
-            try:
-                found = self.platform.list_instances({LABEL_REQUEST: self.request_key})
-            except PlatformError as e:
-                self.log.error(
-                    "cannot check for an instance of request %s: %s", self.request_key, e
-                )
-                return
-            if not found:
-                self.ledger.mark_deleted(self.request_key)
-                return
-            self.instance = found[0]
-        instance_id = self.instance.id
+        owed = OwedDeletion(
+            self.platform,
+            self.ledger,
+            self.request_key,
+            self.instance.id if self.instance else None,
+            self.settings.delete_timeout,
+            self.log,
+        )
         try:
-            gone = self.platform.delete_instance(instance_id)
-            if gone.state is not InstanceState.DELETED:
-                wait_deleted(self.platform, instance_id, self.settings.delete_timeout)
-        except NotFoundError:
-            pass
+            owed.attempt()
         except PlatformError as e:
-            self.log.error(
-                "could not delete FlexAI instance %s: %s; `jupyter flexai gc` will retry",
-                instance_id,
-                e,
-            )
-            return
-        self.ledger.mark_deleted(self.request_key)
-        self.log.info("FlexAI instance %s deleted", instance_id)
+            owed.owe(e)
+
+
+class OwedDeletion:
+    """The deletion of one request's instance, tried until the platform confirms it.
+
+    The first failure is recorded in the ledger (so ``gc`` retries it, whoever the owner)
+    and handed to the supervisor, which retries with capped backoff while the process runs
+    and once more as the process exits.
+    """
+
+    FIRST_DELAY = 1.0
+    MAX_DELAY = 20.0
+
+    def __init__(
+        self,
+        platform: Platform,
+        ledger: Ledger,
+        request_key: str,
+        instance_id: str | None,
+        timeout: float,
+        log: logging.Logger,
+    ):
+        self.platform = platform
+        self.ledger = ledger
+        self.request_key = request_key
+        self.instance_id = instance_id
+        self.timeout = timeout
+        self.log = log
+        self.delay = self.FIRST_DELAY
+        self.due = 0.0
+        self.running = False
+        self.done = False
+
+    def attempt(self) -> None:
+        """Delete (finding the instance by its request label if the POST never answered) and
+        close the ledger row; raises :class:`PlatformError` if the platform failed."""
+        self.instance_id = delete_request(
+            self.platform, self.request_key, self.instance_id, self.timeout
+        )
+        if self.instance_id is not None:
+            self.log.info("FlexAI instance %s deleted", self.instance_id)
+        self.done = True
+        try:
+            self.ledger.mark_deleted(self.request_key)
+        except LedgerError as e:  # the instance is gone: a later gc finds the row and agrees
+            self.log.warning("%s", e)
+
+    def owe(self, error: PlatformError) -> None:
+        what = f"instance {self.instance_id}" if self.instance_id else (
+            f"the instance of request {self.request_key} (if it was created)"
+        )  # fmt: skip
+        try:
+            self.ledger.mark_owed(self.request_key, str(error).splitlines()[0][:200])
+            later = "`jupyter flexai gc` retries it after that"
+        except LedgerError as e:
+            later = f"but the ledger failed ({e})"
+        self.log.warning(
+            "could not delete FlexAI %s, which may still be billed (%s): this process keeps "
+            "retrying while it runs; %s",
+            what,
+            error,
+            later,
+        )
+        exit_cleanup.register(self)
+        self.due = time.monotonic() + self.delay
+        Supervisor.instance().owe(self)
+
+    def retry(self) -> None:
+        """One supervisor retry; on failure the next is scheduled, twice as late (capped)."""
+        try:
+            self.attempt()
+        except FlexAIError as e:
+            self.delay = min(self.delay * 2, self.MAX_DELAY)
+            self.due = time.monotonic() + self.delay * (0.5 + random.random() / 2)
+            self.log.debug("owed deletion of %s failed again: %s", self.instance_id, e)
+        else:
+            exit_cleanup.unregister(self)
+        finally:
+            self.running = False
+
+    def teardown(self) -> None:
+        """At exit: one last try (the ledger row keeps it owed if this fails too)."""
+        if not self.done:
+            with contextlib.suppress(FlexAIError):
+                self.attempt()
 
 
 class Supervisor:
@@ -386,6 +469,7 @@ class Supervisor:
 
     def __init__(self) -> None:
         self._sessions: set[InstanceSession] = set()
+        self._owed: list[OwedDeletion] = []
         self._sessions_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexai-supervisor")
         threading.Thread(target=self._run, name="flexai-supervisor", daemon=True).start()
@@ -401,12 +485,27 @@ class Supervisor:
     def submit(self, fn: Callable[[], None]) -> None:
         self._pool.submit(fn)
 
+    def owe(self, deletion: OwedDeletion) -> None:
+        """Retry ``deletion`` when due until it succeeds."""
+        with self._sessions_lock:
+            self._owed.append(deletion)
+
+    def _retry_owed(self, now: float) -> None:
+        with self._sessions_lock:
+            self._owed = [d for d in self._owed if not d.done]
+            due = [d for d in self._owed if not d.running and now >= d.due]
+            for deletion in due:
+                deletion.running = True
+        for deletion in due:
+            self.submit(deletion.retry)
+
     def _run(self) -> None:
         while True:
             time.sleep(self.INTERVAL)
             with self._sessions_lock:
                 sessions = list(self._sessions)
             now = time.monotonic()
+            self._retry_owed(now)
             for session in sessions:
                 try:
                     session.tick(now)

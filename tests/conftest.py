@@ -254,3 +254,12 @@ def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def silent_api() -> Iterator[str]:
+    """The URL of an "API" that accepts TCP connections and never answers (a hung server)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # the kernel completes the handshakes; nobody ever reads
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"

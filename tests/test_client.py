@@ -368,6 +368,20 @@ def test_a_slow_api_times_out_as_unreachable(emulator, api_key) -> None:
     assert time.monotonic() - started < 1.0
 
 
+def test_an_api_that_never_answers_is_an_error_within_the_deadline(silent_api: str) -> None:
+    client = FlexAIClient(silent_api, "k")  # the defaults: what a user gets
+    started = time.monotonic()
+    with pytest.raises(PlatformUnreachableError, match="no answer within") as info:
+        client.list_gpu_types()
+    elapsed = time.monotonic() - started
+    assert 20 <= elapsed < 30, f"a hung API took {elapsed:.1f} s to give up on"
+    assert silent_api in str(info.value)
+    started = time.monotonic()
+    with pytest.raises(PlatformUnreachableError, match="2 attempts"):
+        FlexAIClient(silent_api, "k", timeout=0.5, deadline=1.0, **FAST).list_gpu_types()
+    assert time.monotonic() - started < 3
+
+
 @pytest.mark.parametrize(
     ("status", "body", "says"),
     [
@@ -473,6 +487,14 @@ def test_retry_after_is_honoured_and_capped(scripted: ScriptedAPI) -> None:
     started = time.monotonic()
     assert FlexAIClient(scripted.url, "k", max_backoff=0.05).list_gpu_types() == []
     assert time.monotonic() - started < 1
+
+
+def test_retry_after_zero_storms_are_spread_over_seconds(scripted: ScriptedAPI) -> None:
+    scripted.script(*[(503, {}, {"Retry-After": "0"})] * 6)
+    started = time.monotonic()
+    with pytest.raises(PlatformError, match="gave up after 6 attempts"):
+        FlexAIClient(scripted.url, "k").list_gpu_types()
+    assert time.monotonic() - started >= 3, "all retries were spent in a burst"
 
 
 def test_provision_retries_with_one_idempotency_key(scripted: ScriptedAPI) -> None:

@@ -609,6 +609,18 @@ def test_fault_fail_next_is_deterministic_and_has_no_effect(api: Api, emulator: 
     assert api.get("/v1/gpu-types").status_code == 200
 
 
+def test_fault_fail_for_is_an_outage_that_ends_on_its_own(api: Api, emulator: Emulator) -> None:
+    assert api.request("PUT", "/_emulator/faults", json={"fail_for": 1.0}).status_code == 200
+    for _ in range(3):
+        assert_error(api.get("/v1/gpu-types"), 503, "unavailable")
+    deadline = time.monotonic() + 10
+    while api.get("/v1/gpu-types").status_code != 200:
+        assert time.monotonic() < deadline, "the outage did not end"
+        time.sleep(0.1)
+    bad = api.request("PUT", "/_emulator/faults", json={"fail_for": -1})
+    assert_error(bad, 400, "invalid_request")
+
+
 def test_fault_error_rate(api: Api, emulator: Emulator) -> None:
     emulator.update_faults(error_rate=1.0)
     run = uuid.uuid4().hex

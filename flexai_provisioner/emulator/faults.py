@@ -10,6 +10,7 @@ import dataclasses
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,12 @@ class Faults:
     fail_next: int = field(
         default=0, metadata=_doc("answer the next N API requests with fail_status")
     )
-    fail_status: int = field(default=503, metadata=_doc("status used by fail_next"))
+    fail_status: int = field(default=503, metadata=_doc("status used by fail_next and fail_for"))
+    fail_for: float = field(
+        default=0.0,
+        metadata=_doc("answer every API request with fail_status for this many seconds from "
+                      "when it is set (an outage)"),
+    )  # fmt: skip
     error_after_create: int = field(
         default=0,
         metadata=_doc("the next N successful creates make the instance, then answer 500"),
@@ -116,6 +122,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: v is None or _is_int(v), "an integer or null"),
     "fail_next": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "fail_status": (lambda v: _is_int(v) and 400 <= v <= 599, "an HTTP status in 400..599"),
+    "fail_for": (lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0"),
     "error_after_create": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "provision_delay": (lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0"),
     "stuck": (lambda v: isinstance(v, bool), "true or false"),
@@ -165,6 +172,7 @@ class FaultInjector:
         self._lock = threading.Lock()
         self._rng: random.Random | None = None
         self._rng_seed: int | None = None
+        self._fail_until = time.monotonic() + faults.fail_for  # fail_for counts from now
 
     @property
     def faults(self) -> Faults:
@@ -177,6 +185,7 @@ class FaultInjector:
         with self._lock:
             self._faults = faults
             self._rng = None
+            self._fail_until = time.monotonic() + faults.fail_for
 
     def update(self, **changes: Any) -> Faults:
         """Change some faults; ValueError (changing nothing) if any is unknown or ill-typed."""
@@ -187,6 +196,8 @@ class FaultInjector:
             self._faults.update(**changes)
             if "seed" in changes:
                 self._rng = None
+            if "fail_for" in changes:
+                self._fail_until = time.monotonic() + changes["fail_for"]
             return self._faults.copy()
 
     def reset(self) -> None:
@@ -212,9 +223,11 @@ class FaultInjector:
         """The error to answer an API request with instead of serving it, if any."""
         with self._lock:
             f = self._faults
+            retry = 0 if f.fail_status in (429, 503) else None
+            if time.monotonic() < self._fail_until:
+                return _injected(f.fail_status, retry)
             if f.fail_next > 0:
                 f.fail_next -= 1
-                retry = 0 if f.fail_status in (429, 503) else None
                 return _injected(f.fail_status, retry)
             if not (f.error_rate or f.rate_limit_rate):
                 return None

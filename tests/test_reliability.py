@@ -1,0 +1,265 @@
+"""No instance is lost, leaked or deleted from under its owner, whatever fails.
+
+Owners that this machine cannot see (another PID namespace with the same hostname), an API
+outage during a shutdown, a corrupt or locked ledger, an API that never answers, owners
+killed with SIGKILL that leave key files, and processes that end without shutting down.
+Faults come from outside, as an operator would cause them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from test_lifecycle import JUPYTER_FLEXAI, OWNER, kill, start_owner, until
+
+from flexai_provisioner.client import FlexAIClient
+from flexai_provisioner.errors import LedgerError
+
+
+def ledger_path(env: dict[str, str]) -> Path:
+    return Path(env["JUPYTER_DATA_DIR"], "flexai", "ledger.sqlite3")
+
+
+def ledger_rows(env: dict[str, str]) -> list[dict[str, object]]:
+    with contextlib.closing(sqlite3.connect(ledger_path(env))) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM instances")]
+
+
+def gc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [JUPYTER_FLEXAI, "gc", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+# -- owners this machine cannot see --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def owner_in_own_pid_namespace(env: dict[str, str]) -> Iterator[str]:
+    """A kernel owner in a new PID namespace (same hostname, as a container with host
+    networking); yields its instance id, kills it at the end."""
+    owner = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+         sys.executable, "-c", OWNER, "flexai-a100"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    try:
+        line = owner.stdout.readline()
+        if not line:
+            pytest.fail("the owner in its own PID namespace failed to start its kernel")
+        yield json.loads(line)["instance"]
+    finally:
+        kill(owner)
+
+
+@pytest.mark.parametrize("shared_ledger", [True, False], ids=["shared-ledger", "own-ledger"])
+async def test_an_owner_in_another_pid_namespace_is_never_reaped(
+    emulator, kernelspecs, flexai_env, api_key, tmp_path, shared_ledger
+):
+    owner_env = {} if shared_ledger else {"JUPYTER_DATA_DIR": str(tmp_path / "other-data")}
+    with owner_in_own_pid_namespace(owner_env) as foreign:
+        try:
+            dead, orphan = start_owner("flexai-a100")  # a real orphan: proves the reap ran
+            kill(dead)
+            km = AsyncKernelManager(kernel_name="flexai-a100")
+            await km.start_kernel()
+            try:
+                await until(lambda: orphan not in emulator.live_instances(), 30, "the reap")
+                done = gc()
+                assert done.returncode == 0, done.stderr
+                assert foreign not in done.stdout
+                assert foreign in emulator.live_instances()
+            finally:
+                await km.shutdown_kernel(now=True)
+        finally:
+            # Its owner cannot be seen from here, so its operator deletes it.
+            FlexAIClient(emulator.url, api_key).delete_instance(foreign)
+
+
+# -- deletions that survive outages ----------------------------------------------------------
+
+
+async def test_a_deletion_during_an_outage_is_retried_until_it_succeeds(
+    emulator, kernelspecs, flexai_env, caplog
+):
+    caplog.set_level(logging.INFO)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    await km.start_kernel()
+    instance_id = km.provisioner.instance_id
+    emulator.update_faults(fail_for=15)
+    outage_ends = time.monotonic() + 15
+    await km.shutdown_kernel(now=True)
+    assert time.monotonic() < outage_ends, "the shutdown waited out the outage"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    owed = [m for m in warnings if instance_id in m and "could not delete" in m]
+    assert len(owed) == 1, warnings
+    assert "retrying" in owed[0] and "jupyter flexai gc" in owed[0]
+    assert emulator.live_instances() == [instance_id]
+    assert [r["delete_owed"] is not None for r in ledger_rows(flexai_env)] == [True]
+    await until(lambda: not emulator.live_instances(), 60, "the owed deletion to be retried")
+    assert time.monotonic() >= outage_ends
+    await until(lambda: ledger_rows(flexai_env)[0]["deleted_at"], 10, "the ledger to agree")
+
+
+OUTAGE_OWNER = textwrap.dedent(
+    """
+    import json, sys, time
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name="flexai-a100")
+    km.start_kernel()
+    print(json.dumps({"instance": km.provisioner.instance_id}), flush=True)
+    sys.stdin.readline()
+    km.shutdown_kernel(now=True)
+    print("shut down", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+async def test_gc_retries_an_owed_deletion_of_a_live_owner(emulator, kernelspecs):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OUTAGE_OWNER],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        instance_id = json.loads(owner.stdout.readline())["instance"]
+        emulator.update_faults(fail_for=600)
+        owner.stdin.write("\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "shut down"
+        owner.send_signal(signal.SIGSTOP)  # alive, but its own retries are frozen
+        emulator.update_faults(fail_for=0)
+        assert emulator.live_instances() == [instance_id]
+        done = gc()
+        assert done.returncode == 0, done.stderr
+        assert instance_id in done.stdout and "owed" in done.stdout
+        assert emulator.live_instances() == []
+    finally:
+        owner.kill()
+        owner.communicate()
+
+
+# -- the ledger's faults ---------------------------------------------------------------------
+
+
+async def test_a_corrupt_ledger_is_moved_aside_and_a_fresh_one_started(
+    emulator, kernelspecs, flexai_env, caplog
+):
+    path = ledger_path(flexai_env)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not an SQLite database\n" * 100)
+    caplog.set_level(logging.WARNING)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    await km.start_kernel()
+    try:
+        [aside] = path.parent.glob("ledger.sqlite3.corrupt-*")
+        assert aside.read_bytes().startswith(b"this is not an SQLite database")
+        moved = [r.getMessage() for r in caplog.records if str(aside) in r.getMessage()]
+        assert len(moved) == 1 and str(path) in moved[0]
+        assert [r["instance_id"] for r in ledger_rows(flexai_env)] == [km.provisioner.instance_id]
+    finally:
+        await km.shutdown_kernel(now=True)
+    path.write_bytes(b"\0garbage")
+    done = gc()
+    assert done.returncode == 0 and "no orphaned instances" in done.stdout
+    assert len(done.stderr.strip().splitlines()) == 1 and "moved it to" in done.stderr
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Another process's write lock on the ledger, held for the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None);"
+         "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()",
+         str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.communicate("")
+
+
+async def test_a_locked_ledger_fails_within_seconds_naming_the_file(
+    emulator, kernelspecs, flexai_env
+):
+    path = ledger_path(flexai_env)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    await km.start_kernel()
+    key_file = Path(flexai_env["JUPYTER_RUNTIME_DIR"], f"flexai-{km.kernel_id}.key")
+    assert key_file.exists()
+    with locked(path):
+        started = time.monotonic()
+        done = gc(timeout=60)
+        assert time.monotonic() - started < 15
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and str(path) in done.stderr, done.stderr
+        assert "locked" in done.stderr
+        started = time.monotonic()
+        second = AsyncKernelManager(kernel_name="flexai-a100")
+        with pytest.raises(LedgerError, match="locked") as info:
+            await second.start_kernel()
+        assert str(path) in str(info.value) and time.monotonic() - started < 15
+        # Its shutdown deletes the instance even though the ledger cannot say so.
+        await km.shutdown_kernel(now=True)
+    assert emulator.live_instances() == []
+    assert not key_file.exists()
+
+
+# -- bounded waits ---------------------------------------------------------------------------
+
+
+HANGING_START = textwrap.dedent(
+    """
+    import sys, time
+    from jupyter_client.manager import KernelManager
+    started = time.monotonic()
+    try:
+        KernelManager(kernel_name="flexai-a100").start_kernel()
+    except Exception as e:
+        print(f"{time.monotonic() - started:.1f} {type(e).__name__}: {e}", flush=True)
+    """
+)
+
+
+async def test_a_start_against_an_api_that_never_answers_fails_within_a_minute(
+    kernelspecs, flexai_env, silent_api
+):
+    owner = subprocess.run(
+        [sys.executable, "-c", HANGING_START],
+        capture_output=True, text=True, timeout=150,
+        env={**os.environ, "FLEXAI_API_URL": silent_api},
+    )  # fmt: skip
+    elapsed, error = owner.stdout.strip().split(" ", 1)
+    assert float(elapsed) <= 60, owner.stdout
+    assert error.startswith("PlatformUnreachableError") and silent_api in error
+    assert "no answer within" in error
+
+
+# -- key files of dead owners ----------------------------------------------------------------
+
+
+async def test_gc_removes_the_key_files_of_dead_owners(emulator, kernelspecs, flexai_env):
+    owner, instance_id = start_owner("flexai-a100")
+    kill(owner)
+    keys = list(Path(flexai_env["JUPYTER_RUNTIME_DIR"]).glob("flexai-*.key"))
+    assert len(keys) == 1
+    done = gc()
+    assert instance_id in done.stdout
+    assert not keys[0].exists()
