@@ -79,6 +79,10 @@ class SSHAuthenticationError(SSHError):
     """The instance refused our key."""
 
 
+class LocalPortError(FlexAIError):
+    """A local port the kernel must be reached on cannot be listened on."""
+
+
 class KernelLaunchError(FlexAIError):
     """ipykernel could not be started on the instance."""
 

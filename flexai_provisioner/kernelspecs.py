@@ -1,12 +1,16 @@
 """Kernelspecs that run a kernel on a FlexAI GPU: one per GPU type, named ``flexai-<type>``.
 
 A kernelspec is how a Jupyter frontend learns that a kernel exists, so each GPU type the
-platform offers becomes one entry in the launcher. The spec's ``argv`` is the command run
-*on the instance*; the ``kernel_provisioner`` metadata tells jupyter_client to hand the
-launch to :class:`~flexai_provisioner.provisioner.FlexAIProvisioner` with the GPU type and
-count as its config. Installation mirrors ``ipykernel install``: stage the directory in a
-temporary location, then let :class:`~jupyter_client.kernelspec.KernelSpecManager` copy it
-to the user, prefix or system location.
+platform offers becomes one entry in the launcher. The ``kernel_provisioner`` metadata tells
+jupyter_client to hand the launch to :class:`~flexai_provisioner.provisioner.FlexAIProvisioner`
+with the GPU type and count as its config. Frontends that run ``argv`` themselves and ignore
+provisioners (VS Code, emacs-jupyter) run :mod:`flexai_provisioner.launch`, which starts the
+same kernel on the same kind of instance; jupyter_client never runs that ``argv`` locally,
+the provisioner runs ipykernel on the instance instead (:func:`remote_argv`).
+
+Installation mirrors ``ipykernel install``: stage the directory in a temporary location,
+then let :class:`~jupyter_client.kernelspec.KernelSpecManager` copy it to the user, prefix
+or system location.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from .errors import ConfigurationError
 
 __all__ = [
     "KERNEL_NAME_PREFIX",
+    "LAUNCHER_MODULE",
     "PROVISIONER_NAME",
     "install_kernelspecs",
+    "ipykernel_argv",
     "kernel_name",
     "kernelspec_dict",
+    "launcher_argv",
+    "remote_argv",
     "write_kernelspec",
 ]
 
@@ -40,6 +48,10 @@ PROVISIONER_NAME = "flexai-provisioner"
 """The entry point name under ``jupyter_client.kernel_provisioners``."""
 
 KERNEL_NAME_PREFIX = "flexai-"
+
+LAUNCHER_MODULE = "flexai_provisioner.launch"
+"""Run by frontends without provisioner support. Its name must not contain "ipykernel":
+VS Code rewrites such an argv to run its own chosen interpreter."""
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +78,52 @@ def kernel_name(gpu_type: str) -> str:
     return KERNEL_NAME_PREFIX + _check_gpu_type(gpu_type).lower()
 
 
-def kernelspec_dict(gpu_type: str, gpu_count: int = 1) -> dict[str, Any]:
-    """The ``kernel.json`` content for a kernel on ``gpu_count`` GPUs of ``gpu_type``."""
-    _check_gpu_type(gpu_type)
+def check_gpu_count(gpu_count: object) -> int:
+    """Reject a GPU count that is not an integer from 1 to 8."""
     if isinstance(gpu_count, bool) or not isinstance(gpu_count, int):
         raise ConfigurationError(f"invalid GPU count {gpu_count!r}: it must be an integer")
     if not 1 <= gpu_count <= _MAX_GPU_COUNT:
         raise ConfigurationError(
             f"invalid GPU count {gpu_count}: it must be between 1 and {_MAX_GPU_COUNT}"
         )
+    return gpu_count
+
+
+def launcher_argv(gpu_type: str, gpu_count: int = 1, python: str | None = None) -> list[str]:
+    """The kernelspec ``argv``: :data:`LAUNCHER_MODULE` run by ``python`` (default: this
+    interpreter, by absolute path, so a frontend runs the Python that has this package)."""
+    gpu = ["--gpu", _check_gpu_type(gpu_type)]
+    if check_gpu_count(gpu_count) != 1:
+        gpu += ["--gpu-count", str(gpu_count)]
+    return [python or sys.executable, "-m", LAUNCHER_MODULE, *gpu, "-f", "{connection_file}"]
+
+
+def ipykernel_argv(python: str) -> list[str]:
+    """ipykernel run by ``python``, as the agent on the instance starts it."""
+    return [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def remote_argv(argv: list[str], python: str) -> list[str]:
+    """What runs on the instance for a kernelspec's ``argv``.
+
+    The launcher's argv (which only a frontend without provisioners runs, locally) becomes
+    ipykernel run by the instance's ``python``; any other argv, such as that of kernelspecs
+    written before the launcher existed, runs on the instance as it is.
+    """
+    if list(argv[1:3]) != ["-m", LAUNCHER_MODULE]:
+        return list(argv)
+    return ipykernel_argv(python)
+
+
+def kernelspec_dict(
+    gpu_type: str, gpu_count: int = 1, *, python: str | None = None
+) -> dict[str, Any]:
+    """The ``kernel.json`` content for a kernel on ``gpu_count`` GPUs of ``gpu_type``;
+    ``python`` is the launcher's interpreter (see :func:`launcher_argv`)."""
+    argv = launcher_argv(gpu_type, gpu_count, python)
     display = f"FlexAI {gpu_type}" if gpu_count == 1 else f"FlexAI {gpu_count}x {gpu_type}"
     return {
-        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": argv,
         "display_name": display,
         "language": "python",
         "interrupt_mode": "signal",
@@ -90,13 +136,15 @@ def kernelspec_dict(gpu_type: str, gpu_count: int = 1) -> dict[str, Any]:
     }
 
 
-def write_kernelspec(directory: str | Path, gpu_type: str, *, gpu_count: int = 1) -> Path:
+def write_kernelspec(
+    directory: str | Path, gpu_type: str, *, gpu_count: int = 1, python: str | None = None
+) -> Path:
     """Write the kernelspec for ``gpu_type`` into ``directory/<kernel name>`` and return it.
 
     The result holds ``kernel.json`` and two small generated logos, ready for
     ``jupyter kernelspec install``. An existing ``kernel.json`` there is overwritten.
     """
-    spec = kernelspec_dict(gpu_type, gpu_count)
+    spec = kernelspec_dict(gpu_type, gpu_count, python=python)
     target = Path(directory) / kernel_name(gpu_type)
     target.mkdir(parents=True, exist_ok=True)
     (target / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
@@ -112,7 +160,9 @@ def install_kernelspecs(
 
     ``user`` installs into the per-user Jupyter data directory, ``prefix`` into
     ``PREFIX/share/jupyter/kernels`` (``sys.prefix`` for a virtual environment), neither
-    into the system-wide directory. Types that differ only in case install once.
+    into the system-wide directory. Types that differ only in case install once. A
+    kernelspec of the same name already there (such as one written by an older version)
+    is replaced.
     """
     if user and prefix:
         raise ConfigurationError("choose one of user and prefix, not both")
@@ -183,13 +233,17 @@ def _logo_png(size: int) -> bytes:
 
 
 def _main(argv: list[str]) -> int:
-    """Regenerate ready-made kernelspec directories: ``DIRECTORY GPU_TYPE...``."""
+    """Regenerate ready-made kernelspec directories: ``DIRECTORY GPU_TYPE...``.
+
+    Their launcher runs the ``python3`` on PATH: a shipped file cannot know where this
+    package is installed (``jupyter flexai install`` writes the absolute path).
+    """
     if len(argv) < 2:
         usage = "usage: python -m flexai_provisioner.kernelspecs DIRECTORY GPU_TYPE..."
         print(usage, file=sys.stderr)
         return 2
     for gpu_type in argv[1:]:
-        print(write_kernelspec(argv[0], gpu_type))
+        print(write_kernelspec(argv[0], gpu_type, python="python3"))
     return 0
 
 

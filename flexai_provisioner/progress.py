@@ -34,6 +34,7 @@ __all__ = [
     "publish",
     "registry",
     "report_shutdown",
+    "reporter",
     "subscribe",
 ]
 
@@ -170,6 +171,24 @@ def log_event(log: logging.Logger | logging.LoggerAdapter[Any], event: PhaseEven
     log.info("%s", text)
     if not _has_handler(log):
         print(text, file=sys.stderr, flush=True)
+
+
+def reporter(
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    kernel_id: str,
+    start: float,
+    instance_id: Callable[[], str | None],
+) -> Callable[[str], None]:
+    """A start's phase callback: publish and log each phase, timed from ``start``
+    (``time.monotonic()``), with the instance id known at that moment."""
+
+    def report(phase: str) -> None:
+        event = registry.publish(
+            kernel_id, phase, time.monotonic() - start, instance_id=instance_id()
+        )
+        log_event(log, event)
+
+    return report
 
 
 def report_shutdown(

@@ -4,7 +4,9 @@ Lifecycle (see ``KernelProvisionerBase`` for the contract):
 
 - ``pre_launch``  first start only: provision an instance with a fresh key, wait for it to
   run, connect over SSH and open five local ports; every start: write the connection file
-  that points jupyter_client at those ports.
+  that points jupyter_client at those ports. The kernelspec's ``argv`` runs the local
+  launcher (:mod:`flexai_provisioner.launch`) for frontends without provisioners; here it
+  is replaced by ipykernel on the instance (:func:`~flexai_provisioner.kernelspecs.remote_argv`).
 - ``launch_kernel`` start ipykernel on the instance and forward the local ports to it.
 - ``poll``/``send_signal``/``kill``/``terminate`` act on the remote kernel through its agent.
 - ``cleanup(restart=True)`` forgets the old kernel but keeps the instance; ``cleanup()``
@@ -34,17 +36,14 @@ from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
 from . import exit_cleanup, progress
 from .client import FlexAIClient, credentials_path
-from .errors import ConfigurationError, FlexAIError, StartCancelledError
+from .errors import ConfigurationError, StartCancelledError
+from .kernelspecs import remote_argv
 from .ledger import Ledger
-from .reaper import reap_orphans
-from .session import PORT_NAMES, InstanceSession, SessionSettings, Supervisor
+from .reaper import reap_and_report
+from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings, Supervisor
 from .ssh import KeyPair, generate_keypair, load_private_key
 
 T = TypeVar("T")
-
-# Environment the kernel inherits from the local side; the rest of the local
-# environment (PATH, HOME, ...) belongs to this machine, not to the instance.
-FORWARDED_ENV = ("JPY_SESSION_NAME",)
 
 
 def starting() -> dict[str, FlexAIProvisioner]:
@@ -113,7 +112,9 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True
     )
     remote_python = Unicode(
-        "python3", help="Python on the instance that runs the small kernel agent."
+        "python3",
+        help="Python on the instance that runs the small kernel agent, and ipykernel for "
+        "kernelspecs written by `jupyter flexai install`.",
     ).tag(config=True)
     labels = Dict(
         value_trait=Unicode(), help="Extra platform labels for each instance (team, project)."
@@ -153,14 +154,10 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # -- helpers -------------------------------------------------------------------------
 
     def _phase(self, start: float) -> Callable[[str], None]:
-        def report(name: str) -> None:
-            event = progress.publish(
-                self.kernel_id, name, time.monotonic() - start, instance_id=self.instance_id
-            )
-            progress.log_event(self.log, event)
-
-        self._start_phase = report
-        return report
+        self._start_phase = progress.reporter(
+            self.log, self.kernel_id, start, lambda: self.instance_id
+        )
+        return self._start_phase
 
     def _settings(self) -> SessionSettings:
         return SessionSettings(
@@ -292,11 +289,11 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs = await super().pre_launch(**kwargs)
         if self._session is None:
             await self._bring_up()
-        assert self._session is not None and self._session.tunnel is not None
+        assert self._session is not None
         km = self.parent
         km.transport = "tcp"
         km.ip = "127.0.0.1"
-        for name, port in self._session.tunnel.local_ports.items():
+        for name, port in self._session.local_ports.items():
             setattr(km, name, port)
         try:
             km.write_connection_file(jupyter_session=kwargs["env"].get("JPY_SESSION_NAME", ""))
@@ -304,7 +301,8 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._abandon_start(e)
             raise
         self.connection_info = km.get_connection_info()
-        kwargs["cmd"] = list(self.kernel_spec.argv) + kwargs.pop("extra_arguments", [])
+        argv = remote_argv(self.kernel_spec.argv, self.remote_python)
+        kwargs["cmd"] = argv + kwargs.pop("extra_arguments", [])
         return kwargs
 
     async def _bring_up(self) -> None:
@@ -315,7 +313,9 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         ledger = Ledger()
         if self.reap_orphans_at_start:
             # In the background: an orphan's deletion must not delay this kernel's start.
-            Supervisor.instance().submit(lambda: self._reap(platform, ledger))
+            Supervisor.instance().submit(
+                lambda: reap_and_report(platform, ledger, platform.api_url, self.log)
+            )
         key = await self._in_thread(self._keypair)
         session = InstanceSession(
             platform, ledger, platform.api_url, key, self._settings(), self.log
@@ -334,17 +334,6 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except BaseException as e:
             await self._abandon_start(e)
             raise
-
-    def _reap(self, platform: FlexAIClient, ledger: Ledger) -> None:
-        try:
-            for item in reap_orphans(platform, ledger, platform.api_url):
-                self.log.warning(
-                    "deleted FlexAI instance %s of a kernel whose process died (%s)",
-                    item.instance_id,
-                    item.reason,
-                )
-        except FlexAIError as e:
-            self.log.warning("could not check for orphaned FlexAI instances: %s", e)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         assert self._session is not None
@@ -374,8 +363,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @property
     def instance_id(self) -> str | None:
-        s = self._session
-        return s.instance.id if s is not None and s.instance is not None else None
+        return self._session.instance_id if self._session is not None else None
 
     @property
     def connected(self) -> bool:
@@ -395,12 +383,11 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     @property
     def remote_pid(self) -> int | None:
         """The kernel's process id on the instance."""
-        s = self._session
-        return s.kernel.pid if s is not None and s.kernel is not None else None
+        return self._session.remote_pid if self._session is not None else None
 
     @property
     def has_process(self) -> bool:
-        return self._session is not None and self._session.kernel is not None
+        return self._session is not None and self._session.has_kernel
 
     async def poll(self) -> int | None:
         if self._session is None:
@@ -413,9 +400,8 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return status
 
     async def send_signal(self, signum: int) -> None:
-        session = self._session
-        if session is not None and session.kernel is not None and session.kernel.watching:
-            await self._in_thread(session.kernel.signal, signum)
+        if self._session is not None:
+            await self._in_thread(self._session.signal, signum)
 
     async def kill(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGKILL)
@@ -461,18 +447,13 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
         s = self._session
-        if s is not None and s.instance is not None:
+        if s is not None and s.instance_id is not None:
             info["flexai"] = {
-                "instance_id": s.instance.id,
+                "instance_id": s.instance_id,
                 "api_url": s.api_url,
                 "request_key": s.request_key,
                 "key_file": str(self._key_file) if self._key_file else self.ssh_key_file,
-                "kernel": s.kernel
-                and {
-                    "pid": s.kernel.pid,
-                    "ports": s.kernel.ports,
-                    "workdir": s.kernel.workdir,
-                },
+                "kernel": s.kernel_record(),
             }
         return info
 
@@ -487,15 +468,15 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         session = InstanceSession(
             platform, Ledger(), saved["api_url"], key, self._settings(), self.log
         )
-        session.request_key = saved["request_key"]
-        k = saved["kernel"]
         local_ports = {name: self.connection_info[name] for name in PORT_NAMES}
         await self._in_thread(
-            session.reattach, saved["instance_id"], k["pid"], k["ports"], k["workdir"], local_ports
+            session.reattach,
+            saved["request_key"],
+            saved["instance_id"],
+            saved["kernel"],
+            local_ports,
         )
-        session.ledger.adopt(session.request_key)
         self._session = session
-        assert session.tunnel is not None
-        self.connection_info = {**self.connection_info, **session.tunnel.local_ports}
+        self.connection_info = {**self.connection_info, **session.local_ports}
         if not own_key:
             self._key_file = Path(saved["key_file"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .client import wait_deleted
-from .errors import NotFoundError, PlatformError
+from .errors import FlexAIError, NotFoundError, PlatformError
 from .ledger import Entry, Ledger, Owner
 from .platform import InstanceState, Platform
 
@@ -134,3 +134,16 @@ def reap_orphans(
             continue
         done.append(item)
     return done
+
+
+def reap_and_report(platform: Platform, ledger: Ledger, api_url: str, log: logging.Logger) -> None:
+    """Reap at a kernel's start: say what was deleted; failing to check is only a warning."""
+    try:
+        for item in reap_orphans(platform, ledger, api_url):
+            log.warning(
+                "deleted FlexAI instance %s of a kernel whose process died (%s)",
+                item.instance_id,
+                item.reason,
+            )
+    except FlexAIError as e:
+        log.warning("could not check for orphaned FlexAI instances: %s", e)

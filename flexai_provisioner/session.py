@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import paramiko
 
@@ -36,6 +37,10 @@ from .ssh import KeyPair, SSHConnection, connect
 from .tunnel import Tunnel
 
 PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
+
+# Environment the kernel inherits from the local side; the rest of the local
+# environment (PATH, HOME, ...) belongs to this machine, not to the instance.
+FORWARDED_ENV = ("JPY_SESSION_NAME",)
 
 Phase = Callable[[str], None]
 
@@ -140,13 +145,24 @@ class InstanceSession:
             cancel=self.cancel,
         )
 
+    def listen(self, ports: dict[str, int] | None = None) -> dict[str, int]:
+        """Open the local ports the kernel will be reached on; return them by name.
+
+        Without ``ports``, free ones are picked. With them (a frontend that chose the ports
+        itself), exactly those, or :class:`LocalPortError`. Connections that arrive before the
+        kernel runs wait for it rather than being refused.
+        """
+        if self.tunnel is None:
+            self.tunnel = Tunnel(PORT_NAMES, ports, exact=ports is not None)
+        return self.local_ports
+
     def connect(self, phase: Phase) -> None:
-        """Open the SSH connection and the local ports the kernel will be reached on."""
+        """Open the SSH connection, and the local ports unless :meth:`listen` did."""
         phase("connecting")
         with self._starting:
             self._check_cancelled()
             self.conn = self._connect()
-            self.tunnel = Tunnel(PORT_NAMES)
+            self.listen()
         self._check_cancelled()
 
     def _connect(self) -> SSHConnection:
@@ -160,8 +176,12 @@ class InstanceSession:
 
     def launch_kernel(
         self, argv: list[str], connection: dict[str, object], env: dict[str, str]
-    ) -> RemoteKernel:
-        """Start a kernel on the instance and point the local ports at it."""
+    ) -> None:
+        """Start a kernel on the instance and point the local ports at it.
+
+        ``connection`` holds the key, signature scheme and kernel name; the instance picks
+        its own ports.
+        """
         assert self.conn is not None and self.tunnel is not None
         self.kernel = RemoteKernel.launch(
             self.conn,
@@ -173,17 +193,20 @@ class InstanceSession:
         )
         self.tunnel.retarget(self.conn.transport, self.kernel.ports)
         self._check_cancelled()
-        return self.kernel
 
     def reattach(
         self,
+        request_key: str,
         instance_id: str,
-        pid: int,
-        ports: dict[str, int],
-        workdir: str,
+        kernel: dict[str, Any],
         local_ports: dict[str, int],
     ) -> None:
-        """Take over a kernel another process started (server restart with persisted info)."""
+        """Take over a kernel another process started (server restart with persisted info).
+
+        ``kernel`` is what :meth:`kernel_record` gave; ``local_ports`` are reused if free.
+        The ledger entry becomes this process's.
+        """
+        self.request_key = request_key
         self.instance = self.platform.get_instance(instance_id)
         if self.instance.state is not InstanceState.RUNNING or self.instance.ssh is None:
             raise FlexAIError(f"instance {instance_id} is {self.instance.state.value}, not running")
@@ -191,7 +214,8 @@ class InstanceSession:
         Supervisor.instance().add(self)
         self.conn = self._connect()
         self.tunnel = Tunnel(PORT_NAMES, local_ports)
-        self._attach(pid, ports, workdir)
+        self._attach(kernel["pid"], kernel["ports"], kernel["workdir"])
+        self.ledger.adopt(request_key)
 
     def _attach(self, pid: int, ports: dict[str, int], workdir: str) -> None:
         assert self.conn is not None and self.tunnel is not None
@@ -206,6 +230,35 @@ class InstanceSession:
         self.tunnel.retarget(self.conn.transport, ports)
 
     # -- running -------------------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.instance.id if self.instance is not None else None
+
+    @property
+    def local_ports(self) -> dict[str, int]:
+        """The five local ports by connection-file name (empty before :meth:`listen`)."""
+        return dict(self.tunnel.local_ports) if self.tunnel is not None else {}
+
+    @property
+    def has_kernel(self) -> bool:
+        return self.kernel is not None
+
+    @property
+    def remote_pid(self) -> int | None:
+        """The kernel's process id on the instance."""
+        return self.kernel.pid if self.kernel is not None else None
+
+    def kernel_record(self) -> dict[str, Any] | None:
+        """What :meth:`reattach` needs to take over the running kernel, as plain JSON data."""
+        k = self.kernel
+        return k and {"pid": k.pid, "ports": k.ports, "workdir": k.workdir}
+
+    def signal(self, signum: int) -> None:
+        """Signal the kernel's process group on the instance (nothing if it is not watched)."""
+        kernel = self.kernel
+        if kernel is not None and kernel.watching:
+            kernel.signal(signum)
 
     @property
     def connected(self) -> bool:

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import paramiko
 
+from .errors import LocalPortError
 from .ssh import consumed, grant, set_sink
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,11 @@ class Tunnel:
         names: list[str],
         ports: dict[str, int] | None = None,
         forwarder: Forwarder | None = None,
+        *,
+        exact: bool = False,
     ):
+        """Listen on ``ports`` (by name) where free, elsewhere on any free port; with
+        ``exact``, on exactly ``ports`` or raise :class:`LocalPortError`."""
         self._fwd = forwarder or Forwarder.instance()
         self._transport: paramiko.Transport | None = None
         self._targets: dict[str, int] = {}
@@ -341,18 +346,14 @@ class Tunnel:
         self._parked: list[tuple[str, socket.socket, tuple[str, int]]] = []
         self._listeners: dict[str, socket.socket] = {}
         self.local_ports: dict[str, int] = {}
-        for name in names:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            # Reclaiming a dead server's ports must not fail on its TIME_WAIT leftovers.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", (ports or {}).get(name, 0)))
-            except OSError:  # taken by someone else meanwhile: any port will do
-                sock.bind(("127.0.0.1", 0))
-            sock.listen(16)
-            sock.setblocking(False)
-            self._listeners[name] = sock
-            self.local_ports[name] = sock.getsockname()[1]
+        try:
+            for name in names:
+                self._listeners[name] = _listen(name, (ports or {}).get(name, 0), exact)
+                self.local_ports[name] = self._listeners[name].getsockname()[1]
+        except BaseException:
+            for sock in self._listeners.values():
+                sock.close()
+            raise
         for name, sock in self._listeners.items():
             self._fwd.call(lambda n=name, s=sock: self._fwd.add_listener(s, self._acceptor(n, s)))
 
@@ -415,6 +416,9 @@ class Tunnel:
     def _connect(self, name: str, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Relay an accepted connection to the current target (relay thread)."""
         transport, port = self._transport, self._targets.get(name)
+        if not self._targets:  # the kernel is still starting: the first retarget relays it
+            self._park(name, sock, peer, self._generation)
+            return
         if transport is None or port is None or not transport.is_active():
             sock.close()  # disconnected: the ZeroMQ client retries on its own
             return
@@ -463,6 +467,28 @@ class Tunnel:
             self._parked.remove(same[0])
             same[0][1].close()
         self._parked.append((name, sock, peer))
+
+
+def _listen(name: str, port: int, exact: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # Reclaiming a dead server's ports must not fail on its TIME_WAIT leftovers.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            if exact:
+                raise LocalPortError(
+                    f"cannot listen on 127.0.0.1:{port} ({name}): {e.strerror or e}; "
+                    "another process holds it, so start the kernel again with free ports"
+                ) from None
+            sock.bind(("127.0.0.1", 0))  # taken by someone else meanwhile: any port will do
+        sock.listen(16)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class OpenSSHTunnel:

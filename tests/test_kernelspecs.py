@@ -20,6 +20,7 @@ from flexai_provisioner.kernelspecs import (
     install_kernelspecs,
     kernel_name,
     kernelspec_dict,
+    remote_argv,
     write_kernelspec,
 )
 
@@ -96,9 +97,10 @@ def test_kernel_name_rejects_names_unfit_for_a_directory(gpu_type: str) -> None:
         kernel_name(gpu_type)
 
 
-def test_kernelspec_dict_runs_ipykernel_on_the_instance_via_the_provisioner() -> None:
+def test_kernelspec_dict_runs_the_launcher_with_this_python() -> None:
+    argv = [sys.executable, "-m", "flexai_provisioner.launch", "--gpu", "A100"]
     assert kernelspec_dict("A100") == {
-        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [*argv, "-f", "{connection_file}"],
         "display_name": "FlexAI A100",
         "language": "python",
         "interrupt_mode": "signal",
@@ -115,6 +117,36 @@ def test_kernelspec_dict_with_several_gpus() -> None:
     spec = kernelspec_dict("H100", gpu_count=4)
     assert spec["display_name"] == "FlexAI 4x H100"
     assert spec["metadata"]["kernel_provisioner"]["config"] == {"gpu_type": "H100", "gpu_count": 4}
+    assert spec["argv"][3:7] == ["--gpu", "H100", "--gpu-count", "4"]
+
+
+def test_launcher_argv_suits_frontends_that_run_argv_themselves() -> None:
+    """VS Code rewrites an argv that mentions ipykernel to run its own interpreter, and
+    runs argv[0] as it is: it must be this package's Python, by absolute path."""
+    argv = kernelspec_dict("A100")["argv"]
+    assert Path(argv[0]).is_absolute() and argv[0] == sys.executable
+    assert not any("ipykernel" in arg for arg in argv)
+    assert argv[-2:] == ["-f", "{connection_file}"]
+
+
+OLD_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+"""What kernelspecs written before the launcher existed run."""
+
+
+@pytest.mark.parametrize(
+    ("argv", "remote"),
+    [
+        (kernelspec_dict("A100")["argv"], ["py3", *OLD_ARGV[1:]]),
+        (kernelspec_dict("A100", python="python3")["argv"], ["py3", *OLD_ARGV[1:]]),
+        (OLD_ARGV, OLD_ARGV),  # runs on the instance as it is
+        (["/opt/py", "-m", "mykernel", "-f", "{c}"], ["/opt/py", "-m", "mykernel", "-f", "{c}"]),
+    ],
+    ids=["launcher", "launcher-on-path", "old-kernelspec", "custom"],
+)  # fmt: skip
+def test_the_provisioner_runs_ipykernel_on_the_instance_instead_of_the_launcher(
+    argv: list[str], remote: list[str]
+) -> None:
+    assert remote_argv(argv, "py3") == remote
 
 
 @pytest.mark.parametrize("gpu_count", [0, 9, -1, True, "2", 1.0])
@@ -160,10 +192,12 @@ def test_install_into_a_prefix_is_listed_by_jupyter_kernelspec(tmp_path: Path) -
 
 def test_install_replaces_an_older_installation(tmp_path: Path) -> None:
     install_kernelspecs(["A100"], prefix=str(tmp_path))
-    stale = tmp_path / "share" / "jupyter" / "kernels" / "flexai-a100" / "stale.txt"
-    stale.write_text("from an older version")
+    old = tmp_path / "share" / "jupyter" / "kernels" / "flexai-a100"
+    (old / "stale.txt").write_text("from an older version")
+    old_spec = {**kernelspec_dict("A100"), "argv": OLD_ARGV}
+    (old / "kernel.json").write_text(json.dumps(old_spec))
     ((_, path),) = install_kernelspecs(["A100"], prefix=str(tmp_path))
-    assert not stale.exists()
+    assert not (old / "stale.txt").exists()
     assert json.loads((Path(path) / "kernel.json").read_text()) == kernelspec_dict("A100")
 
 
@@ -195,10 +229,13 @@ def test_ready_made_kernelspecs_cover_the_emulator_catalog() -> None:
 
 @pytest.mark.parametrize("gpu_type", [t.name for t in DEFAULT_GPU_TYPES])
 def test_ready_made_kernelspec_equals_the_generated_one(gpu_type: str, tmp_path: Path) -> None:
+    """Except that their launcher runs the python3 on PATH: a shipped file cannot know
+    where the package is installed."""
     ready = READY_MADE / kernel_name(gpu_type)
-    fresh = write_kernelspec(tmp_path, gpu_type)
+    fresh = write_kernelspec(tmp_path, gpu_type, python="python3")
     assert sorted(p.name for p in ready.iterdir()) == sorted(p.name for p in fresh.iterdir())
-    assert json.loads((ready / "kernel.json").read_text()) == kernelspec_dict(gpu_type), (
+    expected = kernelspec_dict(gpu_type, python="python3")
+    assert json.loads((ready / "kernel.json").read_text()) == expected, (
         f"kernelspecs/ drifted from kernelspec_dict; regenerate with: {REGENERATE}"
     )
     for logo in ("logo-32x32.png", "logo-64x64.png"):
@@ -218,4 +255,5 @@ def test_ready_made_directory_installs_with_jupyter_kernelspec(tmp_path: Path) -
         check=True,
     )  # fmt: skip
     listed = kernelspec_list(jupyter_env(tmp_path, prefix / "share" / "jupyter"))
-    assert listed["flexai-h100"]["spec"].items() >= kernelspec_dict("H100").items()
+    expected = kernelspec_dict("H100", python="python3")
+    assert listed["flexai-h100"]["spec"].items() >= expected.items()

@@ -18,6 +18,7 @@ import pytest
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF
 
 from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
+from flexai_provisioner.errors import LocalPortError
 from flexai_provisioner.ssh import SSHConnection, Transport, connect, generate_keypair, set_sink
 from flexai_provisioner.tunnel import Tunnel
 
@@ -193,3 +194,33 @@ def test_closing_a_connection_ends_its_thread_at_once(link):
     link.close()
     transport.join(2)
     assert not transport.is_alive(), "the transport thread is still blocked reading"
+
+
+def test_a_connection_before_the_first_target_waits_for_it(link):
+    """A frontend that chose the ports connects while the instance still boots."""
+    tunnel = Tunnel(["port"])
+    server = Server(lambda conn: conn.sendall(b"hello"))
+    try:
+        sock = socket.create_connection(("127.0.0.1", tunnel.local_ports["port"]), timeout=30)
+        with sock:
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):  # held open, neither refused nor answered
+                sock.recv(1)
+            sock.settimeout(30)
+            tunnel.retarget(link.transport, {"port": server.port})
+            assert recv_all(sock) == b"hello"
+    finally:
+        tunnel.close()
+        server.close()
+
+
+def test_exact_ports_that_are_taken_are_an_error_and_hold_nothing():
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        taken = squatter.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        with pytest.raises(LocalPortError, match=f"127.0.0.1:{taken} \\(b\\)"):
+            Tunnel(["a", "b"], {"a": free, "b": taken}, exact=True)
+    with socket.create_server(("127.0.0.1", free)):  # the failed tunnel let go of "a"
+        pass

@@ -1,0 +1,230 @@
+"""The kernelspec's ``argv``, for frontends that launch kernels themselves.
+
+VS Code's local kernels and emacs-jupyter ignore ``metadata.kernel_provisioner``: they write a
+connection file, run ``argv`` and talk to the ports in the file. Run that way, this module
+does what the provisioner does, on the same :class:`~flexai_provisioner.session.InstanceSession`
+(ledger, time-to-live, pinned host key, phases logged on stderr): it listens on the file's
+ports on 127.0.0.1 at once, provisions an instance, starts ipykernel there with the file's key
+and signature scheme, and forwards the ports to it. jupyter_client never runs it: its
+provisioner replaces ``argv`` with ipykernel on the instance.
+
+Towards the frontend it behaves like a local kernel process:
+
+- SIGINT interrupts the kernel (``interrupt_mode: signal``);
+- the kernel's exit (after a ``shutdown_request``, a crash) deletes the instance, then ends
+  this process with the kernel's status;
+- SIGTERM, SIGHUP or the frontend's death (this process's parent changes) delete the
+  instance, then end this process.
+
+A SIGKILL leaves the instance to ``jupyter flexai gc`` (the ledger names this process as its
+owner) and to the platform's time-to-live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import progress
+from .client import FlexAIClient
+from .errors import ConfigurationError, FlexAIError
+from .kernelspecs import check_gpu_count, ipykernel_argv, kernel_name
+from .ledger import Ledger
+from .reaper import reap_and_report
+from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings, Supervisor
+from .ssh import generate_keypair
+
+PROG = "python -m flexai_provisioner.launch"
+
+log = logging.getLogger("flexai_provisioner.launch")
+
+POLL_INTERVAL = 0.2  # how often the parent and the kernel are checked; the kernel's exit is
+# already in the agent channel's buffer, so a check costs no round trip
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def read_connection_file(path: str) -> dict[str, Any]:
+    """The frontend's connection file, checked: tcp on loopback, five ports, a key."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(f"cannot read connection file {path}: {e}") from None
+    if not isinstance(info, dict):
+        raise ConfigurationError(f"connection file {path} holds no JSON object")
+    if info.get("transport", "tcp") != "tcp":
+        raise ConfigurationError(
+            f"connection file {path}: transport {info['transport']!r} is not supported; use tcp"
+        )
+    if info.get("ip", "127.0.0.1") not in ("127.0.0.1", "localhost"):
+        raise ConfigurationError(
+            f"connection file {path}: ip {info['ip']!r}: FlexAI kernels listen on 127.0.0.1 only"
+        )
+    for name in PORT_NAMES:
+        port = info.get(name)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigurationError(
+                f"connection file {path}: {name} must be a port number from 1 to 65535, "
+                f"not {port!r}"
+            )
+    if not isinstance(info.get("key", ""), str):
+        raise ConfigurationError(f"connection file {path}: key must be a string")
+    return info
+
+
+class Launcher:
+    """One kernel on a FlexAI instance, owned by this process for a frontend."""
+
+    def __init__(self, gpu_type: str, gpu_count: int, connection: dict[str, Any]):
+        self.gpu_type = gpu_type
+        self.gpu_count = gpu_count
+        self.connection = connection
+        self.kernel_id = str(uuid.uuid4())
+        self.settings = SessionSettings()
+        self._signals: list[int] = []  # appended by handlers, consumed by the main loop
+        self._wake_r, self._wake_w = os.pipe()
+        self._started = threading.Event()  # the remote kernel runs
+        self._start_error: BaseException | None = None
+        self._start_done = threading.Event()
+        self.session: InstanceSession | None = None
+
+    def run(self) -> int:
+        """Start the kernel, serve it until it or the frontend ends; return the exit status."""
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGINT, *STOP_SIGNALS):
+            signal.signal(signum, lambda signum, _frame: self._signals.append(signum))
+        parent = os.getppid()
+        platform = FlexAIClient()
+        ledger = Ledger()
+        Supervisor.instance().submit(
+            lambda: reap_and_report(platform, ledger, platform.api_url, log)
+        )
+        session = InstanceSession(
+            platform, ledger, platform.api_url, generate_keypair(), self.settings, log
+        )
+        self.session = session
+        try:
+            # At once, before minutes of provisioning: the frontend may check that the
+            # kernel listens, and no other process can take the ports meanwhile.
+            session.listen({name: self.connection[name] for name in PORT_NAMES})
+            worker = threading.Thread(target=self._start, name="flexai-launch", daemon=True)
+            worker.start()
+            status = self._serve(parent)
+        finally:
+            session.teardown()
+            progress.report_shutdown(log, self.kernel_id, session.instance)
+        return status
+
+    def _start(self) -> None:
+        assert self.session is not None
+        phase = progress.reporter(log, self.kernel_id, time.monotonic(), self._instance_id)
+        connection = {
+            "key": self.connection.get("key", ""),
+            "signature_scheme": self.connection.get("signature_scheme", "hmac-sha256"),
+            "kernel_name": self.connection.get("kernel_name", ""),
+        }
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        try:
+            self.session.provision(self.gpu_type, self.gpu_count, self.kernel_id, phase)
+            self.session.connect(phase)
+            phase("starting kernel")
+            argv = ipykernel_argv(self.settings.remote_python)
+            self.session.launch_kernel(argv, connection, env)
+            self._started.set()
+            phase("ready")
+        except BaseException as e:
+            self._start_error = e
+        finally:
+            self._start_done.set()
+            os.write(self._wake_w, b"\0")
+
+    def _instance_id(self) -> str | None:
+        return self.session.instance_id if self.session is not None else None
+
+    def _serve(self, parent: int) -> int:
+        """Wait for signals, the start, the kernel's exit or the parent's; return the status."""
+        assert self.session is not None
+        while True:
+            select.select([self._wake_r], [], [], POLL_INTERVAL)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+            signals, self._signals = self._signals, []
+            for signum in signals:
+                if signum in STOP_SIGNALS:
+                    self._say(f"{signal.Signals(signum).name}: deleting the instance")
+                    return 128 + signum
+                if self._started.is_set():
+                    self.session.signal(signal.SIGINT)
+                else:
+                    self._say("interrupt ignored: the kernel is not running yet")
+            if os.getppid() != parent:
+                self._say("the frontend that started it is gone: deleting the instance")
+                return 1
+            if self._start_done.is_set() and self._start_error is not None:
+                if isinstance(self._start_error, FlexAIError):
+                    print(f"{PROG}: error: {self._start_error}", file=sys.stderr, flush=True)
+                    return 1
+                raise self._start_error
+            status = self.session.kernel_status() if self._started.is_set() else None
+            if status is not None:
+                self._say(f"the kernel exited with status {status}")
+                return status if status >= 0 else 128 - status
+
+    def _say(self, text: str) -> None:
+        log.info("FlexAI kernel %s: %s", self.kernel_id, text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a Jupyter kernel on a FlexAI GPU instance for a frontend that starts "
+        "kernelspecs itself (VS Code, emacs-jupyter). The API is found as the provisioner "
+        "finds it: FLEXAI_API_URL / FLEXAI_API_KEY, then the credentials file.",
+    )
+    parser.add_argument("--gpu", required=True, metavar="TYPE", help="GPU type, e.g. A100")
+    parser.add_argument("--gpu-count", type=int, default=1, metavar="N", help="GPUs (1..8)")
+    parser.add_argument(
+        "-f",
+        "--f",
+        "--connection-file",
+        dest="connection_file",
+        required=True,
+        metavar="FILE",
+        help="the connection file the frontend wrote (its ports, key, signature scheme)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
+    package_log = logging.getLogger("flexai_provisioner")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    try:
+        kernel_name(args.gpu)
+        check_gpu_count(args.gpu_count)
+        connection = read_connection_file(args.connection_file)
+        launcher = Launcher(args.gpu, args.gpu_count, connection)
+        return launcher.run()
+    except FlexAIError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The installed kernelspec run as VS Code and emacs-jupyter run it: without a provisioner.
+
+Each test installs ``flexai-a100`` with ``jupyter flexai install``, writes a connection file
+with ports of its own choosing, substitutes ``{connection_file}`` in ``argv``, runs it with
+``subprocess`` and talks to those ports with a plain ``BlockingKernelClient``. The autouse
+``no_leaks`` fixture checks that no instance and no instance process is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking import BlockingKernelClient
+
+from flexai_provisioner.session import PORT_NAMES
+
+JUPYTER_FLEXAI = str(Path(sys.executable).with_name("jupyter-flexai"))
+
+
+def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports, as a frontend picks them."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (reaped here if it became our child, as orphans may)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+class Frontend:
+    """What a raw-kernel frontend does with a kernelspec: connection file, argv, a client."""
+
+    def __init__(self, argv: list[str], directory: Path):
+        self.directory = directory
+        self.connection_file = directory / "kernel-v2-test.json"
+        ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+        info = {
+            **ports,
+            "ip": "127.0.0.1",
+            "transport": "tcp",
+            "key": secrets.token_hex(16),
+            "signature_scheme": "hmac-sha256",
+            "kernel_name": "flexai-a100",
+        }
+        self.connection_file.write_text(json.dumps(info))
+        self.ports = ports
+        self.argv = [arg.replace("{connection_file}", str(self.connection_file)) for arg in argv]
+        self.stderr_path = directory / "launcher.stderr"
+        self.clients: list[BlockingKernelClient] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stderr=err)
+        return self.proc
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def client(self) -> BlockingKernelClient:
+        """A client attached by connection file, as ``jupyter console --existing`` does."""
+        kc = BlockingKernelClient(connection_file=str(self.connection_file))
+        kc.load_connection_file()
+        kc.start_channels()
+        self.clients.append(kc)
+        try:
+            kc.wait_for_ready(timeout=120)
+        except RuntimeError as e:
+            pytest.fail(f"{e}; launcher stderr:\n{self.stderr()}")
+        return kc
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launcher did not exit within {timeout:g}s:\n{self.stderr()}")
+
+    def stop(self) -> None:
+        for kc in self.clients:
+            kc.stop_channels()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # it deletes its instance, then exits
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run(kc: BlockingKernelClient, code: str, timeout: float = 60) -> tuple[dict, str]:
+    out: list[str] = []
+
+    def hook(msg: dict) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+    return reply["content"], "".join(out)
+
+
+@pytest.fixture
+def installed_argv(flexai_env: dict[str, str], tmp_path: Path) -> list[str]:
+    """``argv`` of the kernelspec ``jupyter flexai install`` wrote."""
+    prefix = tmp_path / "prefix"
+    subprocess.run(
+        [JUPYTER_FLEXAI, "install", "--gpu", "A100", "--prefix", str(prefix)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    spec = prefix / "share" / "jupyter" / "kernels" / "flexai-a100" / "kernel.json"
+    return json.loads(spec.read_text())["argv"]
+
+
+@pytest.fixture
+def frontend(installed_argv: list[str], tmp_path: Path) -> Iterator[Frontend]:
+    fe = Frontend(installed_argv, tmp_path)
+    try:
+        yield fe
+    finally:
+        fe.stop()
+
+
+def test_the_kernel_runs_on_an_instance_and_shutdown_deletes_it(emulator, frontend):
+    proc = frontend.start()
+    kc = frontend.client()
+    content, out = run(kc, "import os, sys; print(os.environ['FLEXAI_INSTANCE_ID'], sys.argv[0])")
+    assert content["status"] == "ok"
+    instance_id, program = out.split()
+    assert emulator.live_instances() == [instance_id]
+    assert program.endswith("ipykernel_launcher.py")  # ipykernel itself, under the instance's sshd
+    assert "requesting" in frontend.stderr() and "ready" in frontend.stderr()
+
+    # A second client by connection file, as `jupyter console --existing` attaches.
+    content, out = run(frontend.client(), "print(os.environ['FLEXAI_INSTANCE_ID'])")
+    assert out.strip() == instance_id
+
+    kc.shutdown()
+    assert frontend.wait() == 0, frontend.stderr()
+    assert emulator.live_instances() == []
+    assert proc.poll() == 0
+
+
+def test_sigint_interrupts_the_remote_kernel(emulator, frontend):
+    proc = frontend.start()
+    kc = frontend.client()
+    msg_id = kc.execute("import time; time.sleep(60)")
+
+    def cell_started() -> bool:
+        try:
+            msg = kc.get_iopub_msg(timeout=0.2)
+        except queue.Empty:
+            return False
+        return msg["msg_type"] == "execute_input" and msg["parent_header"]["msg_id"] == msg_id
+
+    until(cell_started, 30, "the cell to start")
+    interrupted = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - interrupted < 30
+    assert run(kc, "x = 1")[0]["status"] == "ok"  # the kernel lives on
+    assert proc.poll() is None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_deletes_the_instance_then_exits(emulator, frontend, signum):
+    proc = frontend.start()
+    run(frontend.client(), "x = 1")
+    assert len(emulator.live_instances()) == 1
+    proc.send_signal(signum)
+    assert frontend.wait() == 128 + signum
+    assert emulator.live_instances() == []
+    assert emulator.processes() == []
+
+
+def test_sigterm_while_the_instance_boots_deletes_it(emulator, frontend):
+    emulator.update_faults(provision_delay=30)
+    proc = frontend.start()
+    until(lambda: emulator.live_instances(), 30, "the instance to be requested")
+    proc.send_signal(signal.SIGTERM)
+    assert frontend.wait(timeout=30) == 128 + signal.SIGTERM
+    assert emulator.live_instances() == []
+
+
+def test_the_remote_kernels_exit_ends_the_launcher_with_its_status(emulator, frontend):
+    frontend.start()
+    kc = frontend.client()
+    kc.execute("import os; os._exit(3)")
+    assert frontend.wait() == 3, frontend.stderr()
+    assert emulator.live_instances() == []
+
+
+def test_the_frontends_death_deletes_the_instance(emulator, installed_argv, tmp_path):
+    fe = Frontend(installed_argv, tmp_path)
+    spawn = "import subprocess, sys, time; print(subprocess.Popen(sys.argv[1:]).pid, flush=True); time.sleep(600)"  # noqa: E501
+    parent = subprocess.Popen([sys.executable, "-c", spawn, *fe.argv], stdout=subprocess.PIPE)
+    launcher = int(parent.stdout.readline())  # type: ignore[union-attr]
+    try:
+        run(fe.client(), "x = 1")
+        assert len(emulator.live_instances()) == 1
+        parent.kill()
+        parent.wait()
+        until(lambda: gone(launcher), 60, "the orphaned launcher to exit")
+        assert emulator.live_instances() == []
+    finally:
+        for kc in fe.clients:
+            kc.stop_channels()
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
+        if not gone(launcher):
+            os.kill(launcher, signal.SIGKILL)
+            until(lambda: gone(launcher), 10, "the launcher to be killed")
+
+
+def test_ports_taken_by_another_process_are_a_clear_error(emulator, frontend):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", frontend.ports["iopub_port"]))
+        squatter.listen()
+        frontend.start()
+        assert frontend.wait() == 1
+    err = frontend.stderr()
+    assert f"cannot listen on 127.0.0.1:{frontend.ports['iopub_port']} (iopub_port)" in err
+    assert "Traceback" not in err
+    assert emulator.live_instances() == []
+
+
+def test_an_unusable_connection_file_is_a_clear_error(frontend):
+    frontend.connection_file.write_text(json.dumps({"transport": "ipc", "shell_port": 1}))
+    frontend.start()
+    assert frontend.wait() == 1
+    assert "transport 'ipc' is not supported" in frontend.stderr()
