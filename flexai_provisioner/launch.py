@@ -43,7 +43,7 @@ from .kernelspecs import check_gpu_count, ipykernel_argv, kernel_name
 from .ledger import Ledger
 from .reaper import reap_and_report
 from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings, Supervisor
-from .ssh import generate_keypair
+from .ssh import TRANSPORT_LOG, generate_keypair
 
 PROG = "python -m flexai_provisioner.launch"
 
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     package_log = logging.getLogger("flexai_provisioner")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
+    logging.getLogger(TRANSPORT_LOG).setLevel(logging.WARNING)  # paramiko's chatter
     try:
         kernel_name(args.gpu)
         check_gpu_count(args.gpu_count)
