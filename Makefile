@@ -1,28 +1,48 @@
-# Development tasks. `make test` needs only python3 (3.10+) with venv support and sshd;
-# `.ci/run` installs those on Debian/Ubuntu first.
+# Development tasks. Each installs the system packages it needs first (scripts/system-deps:
+# through apt-get on Debian/Ubuntu, with sudo unless root); only python3 and make must exist.
 
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: venv demo lint test bench clean distclean
+.PHONY: venv demo lint test bench clean distclean venv-deps demo-deps test-deps
 
-# The marker is rebuilt when pyproject.toml changes (new dependency, entry point, extra).
-# An existing virtual environment is reused, never recreated over.
-$(VENV)/.installed: pyproject.toml
+# Each task's system packages (see scripts/system-deps for the names).
+VENV_NEEDS := python3
+DEMO_NEEDS := sshd
+TEST_NEEDS := sshd chromium
+
+venv-deps:
+	bash scripts/system-deps $(VENV_NEEDS)
+
+demo-deps:
+	bash scripts/system-deps $(DEMO_NEEDS)
+
+test-deps:
+	bash scripts/system-deps $(TEST_NEEDS)
+
+# The markers are rebuilt when pyproject.toml changes (new dependency, entry point, extra).
+# An existing virtual environment is reused, never recreated over. The demo installs only
+# what it runs (extra "demo"), the rest of the tasks the test tools too (extra "test").
+$(VENV)/.installed: pyproject.toml | venv-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
+$(VENV)/.demo-installed: pyproject.toml | venv-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[demo]'
+	touch $@
+
 venv: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: demo-deps $(VENV)/.demo-installed
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-test: lint
+test: test-deps lint
 	$(BIN)/python -m pytest
 
 # Local python3 kernel vs flexai-a100 on a private emulator; writes bench/results.json.

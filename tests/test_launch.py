@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from jupyter_client.blocking import BlockingKernelClient
+from jupyter_client.manager import AsyncKernelManager
 
 from flexai_provisioner.session import PORT_NAMES
 
@@ -279,3 +280,33 @@ def test_an_unusable_connection_file_is_a_clear_error(frontend):
     frontend.start()
     assert frontend.wait() == 1
     assert "transport 'ipc' is not supported" in frontend.stderr()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [None, ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]],
+    ids=["launcher-argv", "old-argv"],
+)
+async def test_with_jupyter_client_the_provisioner_runs_ipykernel_on_the_instance(
+    emulator, kernelspecs, argv
+):
+    """The launcher in argv is never run locally; kernelspecs from before it still work."""
+    kernelspecs.add("flexai-argv", {}, **({"argv": argv} if argv else {}))
+    km = AsyncKernelManager(kernel_name="flexai-argv")
+    await km.start_kernel()
+    kc = km.client()
+    try:
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        out: list[str] = []
+        await kc.execute_interactive(
+            "import os, sys; print(os.environ['FLEXAI_INSTANCE_ID'], sys.argv[0])",
+            output_hook=lambda m: out.append(m["content"].get("text", "")),
+            timeout=60,
+        )
+        instance_id, program = "".join(out).split()
+        assert instance_id == km.provisioner.instance_id
+        assert program.endswith("ipykernel_launcher.py")
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
