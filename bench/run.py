@@ -12,9 +12,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import platform
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +26,8 @@ from typing import Any
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
+
+from flexai_provisioner import progress
 
 from .harness import (
     FLEXAI,
@@ -62,6 +67,8 @@ class Config:
     scale_rtts: int = 50
     local_scale: bool = True  # the same scale run with local kernels, for reference
     openssh: bool = False  # also measure the experimental OpenSSH forwarder
+    workspace_mb: int = 50  # the notebook folder copied to the instance at each start
+    workspace_runs: int = 3
 
     @classmethod
     def quick(cls) -> Config:
@@ -75,6 +82,8 @@ class Config:
             restarts=1,
             scale=2,
             scale_rtts=5,
+            workspace_mb=2,
+            workspace_runs=1,
         )
 
 
@@ -302,6 +311,61 @@ async def measure_scale(cfg: Config, kernels: Kernels, kind: str, log: Any) -> d
     return result
 
 
+def make_folder(root: Path, megabytes: int) -> tuple[Path, int]:
+    """A notebook folder of ``megabytes`` MiB of random bytes, shaped like a project: four
+    fifths in 4 MiB data files, the rest in 64 KiB files. Returns it and its file count."""
+    folder = root / "notebook-folder"
+    (folder / "data").mkdir(parents=True)
+    (folder / "src").mkdir()
+    total = megabytes * 1024 * 1024
+    big, small = 4 * 1024 * 1024, 64 * 1024
+    count = 0
+    for i in range(total * 4 // 5 // big):
+        (folder / "data" / f"part-{i:03}.bin").write_bytes(os.urandom(big))
+        count += 1
+    while sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) + small <= total:
+        (folder / "src" / f"module_{count:04}.py").write_bytes(os.urandom(small))
+        count += 1
+    return folder, count
+
+
+async def measure_workspace(cfg: Config, kernels: Kernels, root: Path, log: Any) -> dict[str, Any]:
+    """The upload of a notebook folder at a kernel's start (its ``uploading files`` phase, to
+    ``starting kernel``) against ``cp -r`` of the same files on this machine, interleaved."""
+    folder, count = make_folder(root, cfg.workspace_mb)
+    nbytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    uploads: list[float] = []
+    copies: list[float] = []
+    restarts: list[float] = []
+    for _ in range(cfg.workspace_runs):
+        dest = root / "cp-copy"
+        t0 = time.perf_counter()
+        await asyncio.to_thread(subprocess.run, ["cp", "-r", str(folder), str(dest)], check=True)
+        copies.append(time.perf_counter() - t0)
+        shutil.rmtree(dest)
+        km = kernels.new(FLEXAI)
+        await asyncio.wait_for(km.start_kernel(cwd=str(folder)), TIMEOUT)
+        phases = {e.phase: e.elapsed for e in progress.history(km.kernel_id)}
+        uploads.append(phases["starting kernel"] - phases["uploading files"])
+        t0 = time.perf_counter()  # nothing changed: the restart's upload only compares
+        await asyncio.wait_for(km.restart_kernel(), TIMEOUT)
+        restarts.append(time.perf_counter() - t0)
+        await asyncio.wait_for(km.shutdown_kernel(now=True), TIMEOUT)
+        log(f"workspace: upload {uploads[-1]:.3f} s, cp {copies[-1]:.3f} s")
+    upload_mb_s = nbytes / 1e6 / statistics.median(uploads)
+    cp_mb_s = nbytes / 1e6 / statistics.median(copies)
+    return {
+        "megabytes": round(nbytes / 1e6, 3),
+        "files": count,
+        "upload_mb_s": round(upload_mb_s, 3),
+        "cp_mb_s": round(cp_mb_s, 3),
+        "ratio": round(upload_mb_s / cp_mb_s, 4),
+        "restart_unchanged_s": round(statistics.median(restarts), 3),
+        "upload_s": [round(u, 3) for u in uploads],
+        "cp_s": [round(c, 3) for c in copies],
+    }
+
+
 # -- report ------------------------------------------------------------------------------
 
 
@@ -393,6 +457,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--megabytes", type=int, help="MiB of stdout per throughput run")
     parser.add_argument("--restarts", type=int, help="restart samples per kind")
     parser.add_argument("--scale", type=int, help="flexai kernels started at once")
+    parser.add_argument("--workspace-mb", type=int, help="MiB of the uploaded notebook folder")
     parser.add_argument("--no-local-scale", action="store_true", help="skip local scale run")
     parser.add_argument(
         "--openssh", action="store_true", help="also measure the experimental OpenSSH forwarder"
@@ -400,7 +465,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("-v", "--verbose", action="store_true", help="provisioner logs")
     args = parser.parse_args(argv)
     cfg = Config.quick() if args.quick else Config()
-    for field in ("starts", "rtts", "megabytes", "restarts", "scale"):
+    for field in ("starts", "rtts", "megabytes", "restarts", "scale", "workspace_mb"):
         if getattr(args, field) is not None:
             setattr(cfg, field, max(1, getattr(args, field)))
     if args.no_local_scale:
@@ -426,6 +491,7 @@ async def run(cfg: Config, output: Path) -> int:
             use_openssh_when_labelled()
         raw = await measure_kinds(cfg, kernels, log)
         scale = await measure_scale(cfg, kernels, FLEXAI, log)
+        workspace = await measure_workspace(cfg, kernels, env.root, log)
 
         async def reference_scale(kind: str) -> dict[str, Any] | None:
             """A scale run for comparison only: its failure must not cost the figures above
@@ -454,11 +520,18 @@ async def run(cfg: Config, output: Path) -> int:
         results = {
             "figures": figures,
             "scale": scale,
+            "workspace": workspace,
             "details": details,
         }
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2) + "\n")
         print(table(figures, scale, details))
+        print(
+            f"\nworkspace: {workspace['megabytes']:.1f} MB in {workspace['files']} files uploaded "
+            f"at {workspace['upload_mb_s']:.1f} MB/s, cp -r {workspace['cp_mb_s']:.1f} MB/s: "
+            f"ratio {workspace['ratio']:.3f}; restart with it unchanged "
+            f"{workspace['restart_unchanged_s']:.2f} s"
+        )
         if cfg.openssh:
             print("\nexperimental OpenSSH forwarder (ssh -L via a ControlMaster), same run:")
             print(openssh_table(details["openssh"]))

@@ -1,4 +1,5 @@
-"""``jupyter flexai``: install kernelspecs, inspect GPU types and instances, run the emulator.
+"""``jupyter flexai``: install kernelspecs, inspect GPU types and instances, sync a kernel's
+files, run the emulator.
 
 The API is found through ``--api-url`` / ``--api-key`` or, when those are not given, the
 ``FLEXAI_API_URL`` / ``FLEXAI_API_KEY`` environment variables. The global options may be
@@ -27,11 +28,12 @@ from typing import Any
 from . import __version__
 from .client import FlexAIClient
 from .emulator import command as emulator_command
-from .errors import FlexAIError, PlatformUnreachableError, UnknownGPUTypeError
+from .errors import FlexAIError, PlatformUnreachableError, UnknownGPUTypeError, WorkspaceError
 from .kernelspecs import install_kernelspecs, kernel_name, kernelspec_dict
 from .ledger import Ledger
 from .platform import Instance, InstanceState
 from .reaper import reap_orphans
+from .workspace import files, megabytes, running_workspaces, state_path, sync_elsewhere
 
 PROG = "jupyter flexai"
 
@@ -282,6 +284,48 @@ def _run_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sync ------------------------------------------------------------------------------
+
+
+def _register_sync(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "sync",
+        parents=parents,
+        help="copy back the files running kernels made on their instances",
+        description="Copy the files that running FlexAI kernels of this user (on this host) "
+        "created or changed in their workspaces back beside their notebooks, as happens at "
+        "their shutdown. A local file changed since it was copied is kept; the instance's "
+        "version is saved beside it as NAME.flexai-<instance>.EXT.",
+    )
+    parser.add_argument(
+        "kernel_ids",
+        nargs="*",
+        metavar="KERNEL_ID",
+        help="the kernels to sync (default: every running kernel with a workspace)",
+    )
+
+
+def _run_sync(args: argparse.Namespace) -> int:
+    paths = [state_path(k) for k in args.kernel_ids] or running_workspaces()
+    for kernel_id, path in zip(args.kernel_ids, paths, strict=False):
+        if not path.exists():
+            raise WorkspaceError(
+                f"no running FlexAI kernel {kernel_id} with a workspace on this host "
+                f"(no {path}); `jupyter flexai sync` with no id syncs every one there is"
+            )
+    if not paths:
+        print("no running FlexAI kernel has a workspace")
+    for path in paths:
+        kernel_id = path.name.removeprefix("flexai-").removesuffix(".workspace.json")
+        workspace, report = sync_elsewhere(path, CLI_TIMEOUT)
+        copied = f"copied {files(len(report.copied))} ({megabytes(report.nbytes)})"
+        source = f"instance {workspace.label}"
+        print(f"kernel {kernel_id}: {copied} from {source} to {workspace.local_dir}")
+        for kept, saved_as in report.conflicts:
+            print(f"  {kept} was changed here: kept; the instance's version is in {saved_as}")
+    return 0
+
+
 # -- emulator --------------------------------------------------------------------------
 
 
@@ -304,6 +348,7 @@ COMMANDS: dict[str, Command] = {
     "gpus": Command(_register_gpus, _run_gpus),
     "instances": Command(_register_instances, _run_instances),
     "gc": Command(_register_gc, _run_gc),
+    "sync": Command(_register_sync, _run_sync),
     "emulator": Command(_register_emulator, _run_emulator),
 }
 """Subcommands in the order ``--help`` lists them."""

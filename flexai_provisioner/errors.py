@@ -89,3 +89,11 @@ class KernelLaunchError(FlexAIError):
 
 class LedgerError(FlexAIError):
     """The local ledger of instances could not be read or written."""
+
+
+class WorkspaceError(FlexAIError):
+    """The notebook's files could not be copied to the instance or back."""
+
+
+class WorkspaceTooLargeError(WorkspaceError):
+    """The notebook's folder holds more than ``workspace_max_mb`` to copy."""

@@ -1,10 +1,11 @@
 """What each FlexAI kernel's start is doing, for whoever wants to show it.
 
 Provisioning takes minutes on a real platform, so the provisioner publishes each phase of a
-start here (``requesting``, ``queued``, ``booting``, ``connecting``, ``starting kernel``,
-``ready``) and a last ``shut down`` note with the instance's cost. The registry keeps a short
-history per kernel id, so a frontend that asks late still sees the whole start, and calls
-subscribers, which is how the Jupyter server extension turns phases into jupyter_events.
+start here (``requesting``, ``queued``, ``booting``, ``connecting``, ``uploading files``,
+``starting kernel``, ``ready``) and a last ``shut down`` note with the instance's cost. The
+registry keeps a short history per kernel id, so a frontend that asks late still sees the
+whole start, and calls subscribers, which is how the Jupyter server extension turns phases
+into jupyter_events.
 
 Phases are published from worker threads as well as from the event loop: subscribers must
 be quick and thread-safe (the server extension hops onto its loop). The registry is
@@ -45,6 +46,7 @@ PHASES = (
     "queued",
     "booting",
     "connecting",
+    "uploading files",
     "starting kernel",
     "ready",
     "limit reached",
@@ -178,13 +180,18 @@ def reporter(
     kernel_id: str,
     start: float,
     instance_id: Callable[[], str | None],
-) -> Callable[[str], None]:
+) -> Callable[..., None]:
     """A start's phase callback: publish and log each phase, timed from ``start``
-    (``time.monotonic()``), with the instance id known at that moment."""
+    (``time.monotonic()``), with the instance id known at that moment and an optional
+    detail (``message``)."""
 
-    def report(phase: str) -> None:
+    def report(phase: str, message: str = "") -> None:
         event = registry.publish(
-            kernel_id, phase, time.monotonic() - start, instance_id=instance_id()
+            kernel_id,
+            phase,
+            time.monotonic() - start,
+            instance_id=instance_id(),
+            message=message,
         )
         log_event(log, event)
 

@@ -2,15 +2,17 @@
 
 Lifecycle (see ``KernelProvisionerBase`` for the contract):
 
-- ``pre_launch``  first start only: provision an instance with a fresh key, wait for it to
-  run, connect over SSH and open five local ports; every start: write the connection file
-  that points jupyter_client at those ports. The kernelspec's ``argv`` runs the local
-  launcher (:mod:`flexai_provisioner.launch`) for frontends without provisioners; here it
-  is replaced by ipykernel on the instance (:func:`~flexai_provisioner.kernelspecs.remote_argv`).
+- ``pre_launch``  first start only: check the kernel's folder (``cwd``), provision an
+  instance with a fresh key, wait for it to run, connect over SSH and open five local ports;
+  every start: copy the folder's new and changed files to the instance (its workspace) and
+  write the connection file that points jupyter_client at those ports. The kernelspec's
+  ``argv`` runs the local launcher (:mod:`flexai_provisioner.launch`) for frontends without
+  provisioners; here it is replaced by ipykernel on the instance
+  (:func:`~flexai_provisioner.kernelspecs.remote_argv`).
 - ``launch_kernel`` start ipykernel on the instance and forward the local ports to it.
 - ``poll``/``send_signal``/``kill``/``terminate`` act on the remote kernel through its agent.
 - ``cleanup(restart=True)`` forgets the old kernel but keeps the instance; ``cleanup()``
-  deletes the instance.
+  copies back what the kernel made in its workspace, then deletes the instance.
 
 All network work runs in threads (:mod:`flexai_provisioner.session`); the event loop only
 awaits it. Any failure or cancellation during a first start deletes what was provisioned
@@ -36,12 +38,13 @@ from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
 from . import exit_cleanup, progress
 from .client import FlexAIClient, credentials_path
-from .errors import ConfigurationError, StartCancelledError
+from .errors import ConfigurationError, StartCancelledError, WorkspaceError
 from .kernelspecs import remote_argv
 from .ledger import Ledger
 from .reaper import reap_and_report
 from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings, Supervisor
 from .ssh import KeyPair, generate_keypair, load_private_key
+from .workspace import SyncReport
 
 T = TypeVar("T")
 
@@ -137,6 +140,18 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "many US dollars at its hourly price (0: no limit). Enforced by the Jupyter server "
         "extension.",
     ).tag(config=True)
+    workspace = Bool(
+        True,
+        help="Mirror the kernel's folder (the notebook's) on the instance and start the kernel "
+        "there: its files are copied over before the kernel starts, and files the kernel "
+        "creates or changes come back beside the notebook at shutdown (and on `jupyter "
+        "flexai sync`). False: the kernel starts in the instance's home directory.",
+    ).tag(config=True)
+    workspace_max_mb = Float(
+        100.0,
+        help="Refuse to start a kernel whose folder holds more than this many MB to copy "
+        "(after .flexaiignore); the check runs before an instance is requested.",
+    ).tag(config=True)
 
     @default("api_url")
     def _api_url_default(self) -> str:
@@ -148,12 +163,12 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     _session: InstanceSession | None = None
     _key_file: Path | None = None
-    _start_phase: Callable[[str], None] | None = None  # reports the start in progress
+    _start_phase: Callable[..., None] | None = None  # reports the start in progress
     _cancel_reason: str | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _phase(self, start: float) -> Callable[[str], None]:
+    def _phase(self, start: float) -> Callable[..., None]:
         self._start_phase = progress.reporter(
             self.log, self.kernel_id, start, lambda: self.instance_id
         )
@@ -170,6 +185,8 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             instance_ttl=self.instance_ttl or None,
             remote_python=self.remote_python,
             labels=dict(self.labels),
+            workspace=self.workspace,
+            workspace_max_mb=self.workspace_max_mb,
         )
 
     def _check_config(self) -> None:
@@ -215,11 +232,13 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "reconnect_timeout",
             "delete_timeout",
             "api_timeout",
+            "workspace_max_mb",
         ):
             seconds = getattr(self, name)
             if not (math.isfinite(seconds) and seconds > 0):
+                unit = "MB" if name == "workspace_max_mb" else "seconds"
                 raise ConfigurationError(
-                    f"kernelspec {spec!r}: {name} must be a number of seconds > 0, not {seconds!r}"
+                    f"kernelspec {spec!r}: {name} must be a number of {unit} > 0, not {seconds!r}"
                 )
         if self.instance_ttl < 0:
             raise ConfigurationError(
@@ -288,7 +307,13 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         kwargs = await super().pre_launch(**kwargs)
         if self._session is None:
-            await self._bring_up()
+            await self._bring_up(kwargs.get("cwd"))
+        else:  # a restart: the folder may have changed meanwhile
+            try:
+                await self._in_thread(self._session.upload_workspace)
+            except BaseException as e:
+                await self._abandon_start(e)
+                raise
         assert self._session is not None
         km = self.parent
         km.transport = "tcp"
@@ -305,8 +330,9 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs["cmd"] = argv + kwargs.pop("extra_arguments", [])
         return kwargs
 
-    async def _bring_up(self) -> None:
-        """Provision, wait, connect; on any failure or cancellation delete what exists."""
+    async def _bring_up(self, cwd: str | None) -> None:
+        """Check the folder, provision, wait, connect, copy the folder; on any failure or
+        cancellation delete what exists."""
         self._check_config()
         exit_cleanup.install_signal_handler()
         platform = self._client(self.api_url or None)
@@ -325,11 +351,14 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         _starting[self.kernel_id] = self
         phase = self._phase(time.monotonic())
         try:
+            await self._in_thread(session.plan_workspace, cwd, self.kernel_id)
             await self._in_thread(
                 session.provision, self.gpu_type, self.gpu_count, self.kernel_id, phase
             )
             await self._in_thread(session.connect, phase)
             await self._in_thread(self._save_key, key, session)
+            session.key_file = str(self._key_file) if self._key_file else self.ssh_key_file
+            await self._in_thread(session.upload_workspace, phase)
             phase("starting kernel")
         except BaseException as e:
             await self._abandon_start(e)
@@ -384,6 +413,13 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def remote_pid(self) -> int | None:
         """The kernel's process id on the instance."""
         return self._session.remote_pid if self._session is not None else None
+
+    async def sync_workspace(self) -> SyncReport:
+        """Copy back what the running kernel created or changed in its workspace (files
+        changed here meanwhile are kept; the instance's versions are saved beside them)."""
+        if self._session is None:
+            raise WorkspaceError(f"kernel {self.kernel_id} is not running on FlexAI")
+        return await self._in_thread(self._session.sync_workspace)
 
     @property
     def has_process(self) -> bool:
@@ -476,6 +512,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             saved["kernel"],
             local_ports,
         )
+        await self._in_thread(session.resume_workspace, self.kernel_id)
         self._session = session
         self.connection_info = {**self.connection_info, **session.local_ports}
         if not own_key:

@@ -54,12 +54,16 @@ class RemoteKernel:
         connection: dict[str, object],
         env: dict[str, str],
         timeout: float,
+        cwd: str | None = None,
     ) -> RemoteKernel:
-        """Start ``argv`` on the instance with a connection file holding ``connection``.
+        """Start ``argv`` on the instance with a connection file holding ``connection``, in
+        ``cwd`` (default: the instance's home directory).
 
         The HMAC key travels on the channel's stdin, never on a command line.
         """
         spec = {"argv": argv, "env": env, "connection": connection, "timeout": timeout}
+        if cwd:
+            spec["cwd"] = cwd
         chan, first, rest = cls._start_agent(conn, python, "launch", spec, timeout)
         if "error" in first:
             chan.close()

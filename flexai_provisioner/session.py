@@ -21,20 +21,30 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import paramiko
 
 from . import exit_cleanup
 from .client import wait_running
-from .errors import FlexAIError, LedgerError, NotFoundError, PlatformError, StartCancelledError
+from .errors import (
+    FlexAIError,
+    LedgerError,
+    NotFoundError,
+    PlatformError,
+    SSHError,
+    StartCancelledError,
+    WorkspaceError,
+)
 from .ledger import Ledger, Owner
 from .platform import Instance, InstanceState, Platform
 from .reaper import LABEL_KERNEL, LABEL_REQUEST, delete_request, owner_labels
 from .remote_kernel import RemoteKernel
 from .ssh import KeyPair, SSHConnection, connect
 from .tunnel import Tunnel
+from .workspace import SyncReport, Workspace, state_path
 
 PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
 
@@ -42,7 +52,11 @@ PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port
 # environment (PATH, HOME, ...) belongs to this machine, not to the instance.
 FORWARDED_ENV = ("JPY_SESSION_NAME",)
 
-Phase = Callable[[str], None]
+
+class Phase(Protocol):
+    """Reports a start's phase by name, with an optional detail ("12.3 MB in 40 files")."""
+
+    def __call__(self, name: str, message: str = "") -> None: ...
 
 
 @dataclass
@@ -58,6 +72,8 @@ class SessionSettings:
     instance_ttl: int | None = 900
     remote_python: str = "python3"
     labels: dict[str, str] = field(default_factory=dict)
+    workspace: bool = True
+    workspace_max_mb: float = 100.0
 
 
 class InstanceSession:
@@ -83,6 +99,9 @@ class InstanceSession:
         self.conn: SSHConnection | None = None
         self.tunnel: Tunnel | None = None
         self.kernel: RemoteKernel | None = None
+        self._launched = False  # a kernel ran here, so its workspace may hold results
+        self.workspace: Workspace | None = None  # the kernel's folder, mirrored on the instance
+        self.key_file: str | None = None  # where the key is kept, for `jupyter flexai sync`
         self.lost_reason: str | None = None  # set when the instance cannot be reached again
         self.cancel = threading.Event()  # set to abandon a start or a reconnect
         self._reconnecting = False
@@ -174,10 +193,57 @@ class InstanceSession:
             keepalive_interval=self.settings.keepalive_interval,
         )
 
+    def plan_workspace(self, local_dir: str | None, kernel_id: str) -> None:
+        """Choose the folder to mirror on the instance (the frontend's ``cwd`` for the
+        kernel, normally the notebook's folder) and check its size, before anything is
+        provisioned. No folder given, or ``workspace`` off: the kernel starts in the
+        instance's home directory."""
+        if not self.settings.workspace or not local_dir:
+            return
+        max_mb = self.settings.workspace_max_mb
+        workspace = Workspace(Path(local_dir), state_path(kernel_id), max_mb, self.log)
+        workspace.scan()
+        self.workspace = workspace
+
+    def upload_workspace(self, phase: Phase | None = None) -> None:
+        """Copy the folder's new and changed files over this connection (every start)."""
+        workspace = self.workspace
+        if workspace is None:
+            return
+        assert self.conn is not None and self.instance is not None
+        assert self.instance.ssh is not None
+        workspace.label = self.instance.id
+        workspace.reach = {"ssh": asdict(self.instance.ssh), "key_file": self.key_file}
+        announce = None if phase is None else lambda detail: phase("uploading files", detail)
+        self._check_cancelled()
+        workspace.upload(self.conn, self.settings.connect_timeout, announce, self.cancel)
+        self._check_cancelled()
+
+    def sync_workspace(self) -> SyncReport:
+        """Bring back what the running kernel created or changed in its folder."""
+        workspace, conn = self.workspace, self.conn
+        if workspace is None or workspace.remote_dir is None:
+            raise WorkspaceError(
+                "this kernel has no workspace (workspace = False, or its frontend named no "
+                "folder to start it in)"
+            )
+        if conn is None or not self.connected:
+            raise SSHError(
+                f"the SSH link to instance {workspace.label} is down; sync again once it "
+                "has reconnected"
+            )
+        return workspace.download(conn, self.settings.connect_timeout)
+
+    def resume_workspace(self, kernel_id: str) -> None:
+        """Take over the workspace of a kernel reattached to, if it had one."""
+        if self.settings.workspace and state_path(kernel_id).exists():
+            self.workspace = Workspace.resume(state_path(kernel_id), self.log)
+
     def launch_kernel(
         self, argv: list[str], connection: dict[str, object], env: dict[str, str]
     ) -> None:
-        """Start a kernel on the instance and point the local ports at it.
+        """Start a kernel on the instance, in its workspace if it has one, and point the
+        local ports at it.
 
         ``connection`` holds the key, signature scheme and kernel name; the instance picks
         its own ports.
@@ -190,7 +256,9 @@ class InstanceSession:
             connection=connection,
             env=env,
             timeout=self.settings.launch_timeout,
+            cwd=self.workspace.remote_dir if self.workspace else None,
         )
+        self._launched = True
         self.tunnel.retarget(self.conn.transport, self.kernel.ports)
         self._check_cancelled()
 
@@ -215,6 +283,7 @@ class InstanceSession:
         self.conn = self._connect()
         self.tunnel = Tunnel(PORT_NAMES, local_ports)
         self._attach(kernel["pid"], kernel["ports"], kernel["workdir"])
+        self._launched = True
         self.ledger.adopt(request_key)
 
     def _attach(self, pid: int, ports: dict[str, int], workdir: str) -> None:
@@ -400,11 +469,36 @@ class InstanceSession:
                 self.kernel = None
             if self.tunnel is not None:
                 self.tunnel.close()
+            self._save_results()
             if self.conn is not None:
                 self.conn.close()
             self.delete_instance()
         finally:
             exit_cleanup.unregister(self)
+
+    def _save_results(self) -> None:
+        """Before the instance goes: copy back what the kernel made, over a fresh connection
+        if the link is down (its files are lost with the instance otherwise)."""
+        workspace, conn = self.workspace, self.conn
+        if workspace is None:
+            return
+        fresh = None
+        try:
+            if not self._launched or self.lost_reason is not None:
+                return  # no kernel ever ran there, or the instance is gone
+            if conn is None or not conn.is_active():
+                conn = fresh = self._connect()
+            workspace.download(conn, self.settings.connect_timeout)
+        except FlexAIError as e:
+            self.log.error(
+                "could not copy the kernel's files back from instance %s before deleting it: %s",
+                workspace.label,
+                e,
+            )
+        finally:
+            if fresh is not None:
+                fresh.close()
+            workspace.forget()
 
     def delete_instance(self) -> None:
         owed = OwedDeletion(

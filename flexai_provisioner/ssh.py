@@ -23,6 +23,18 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_WINDOW_ADJUST
+from paramiko.sftp import (
+    CMD_CLOSE,
+    CMD_EXTENDED,
+    CMD_OPEN,
+    CMD_SETSTAT,
+    CMD_STATUS,
+    CMD_WRITE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_WRITE,
+    int64,
+)
 
 from .errors import HostKeyMismatchError, SSHAuthenticationError, SSHError
 from .platform import SSHEndpoint
@@ -441,6 +453,22 @@ class SSHConnection:
         finally:
             chan.close()
 
+    def open_sftp(self, timeout: float = 30.0) -> paramiko.SFTPClient:
+        """An SFTP session on this connection's transport (a channel, not a second login);
+        each of its requests fails with ``TimeoutError`` after ``timeout`` seconds."""
+        chan: paramiko.Channel | None = None
+        try:
+            chan = self.transport.open_session(
+                window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE, timeout=timeout
+            )
+            chan.settimeout(timeout)
+            chan.invoke_subsystem("sftp")
+            return paramiko.SFTPClient(chan)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            if chan is not None:
+                chan.close()
+            raise SSHError(f"no SFTP session on the instance: {e or type(e).__name__}") from e
+
     def close(self) -> None:
         if self._transport is not None:
             # Closing a socket does not wake a thread blocked reading it (nor send a FIN
@@ -449,6 +477,75 @@ class SSHConnection:
             with contextlib.suppress(OSError):
                 self._transport.sock.shutdown(socket.SHUT_RDWR)
             self._transport.close()
+
+
+class SFTPBatch:
+    """SFTP requests sent without waiting for each answer, which paramiko's SFTPClient does
+    for all but file data: copying a file then costs one round trip (its open) instead of
+    five, which on a 25 ms link is most of the time a folder of small files takes.
+
+    Answers are checked as they arrive; :meth:`finish` waits for the rest and raises the
+    first failure as ``OSError``. Use it from one thread, with nothing else on the client.
+    """
+
+    #: SFTP (version 3) servers need only accept writes of up to ~32 KiB.
+    MAX_WRITE = 32 * 1024
+
+    def __init__(self, sftp: paramiko.SFTPClient):
+        self._sftp = sftp
+        self._chan = sftp.get_channel()
+        self._pending: set[int] = set()
+        self._failure: OSError | None = None
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        """paramiko hands us each answer to our requests."""
+        self._pending.discard(num)
+        if t == CMD_STATUS:
+            try:
+                self._sftp._convert_status(msg)
+            except OSError as e:  # EOFError is one; a status of EOF is not expected here
+                self._failure = self._failure or e
+
+    def _send(self, t: int, *args: object) -> None:
+        self._pending.add(self._sftp._async_request(self, t, *args))
+        # Read what came back now and then, so answers never fill the channel's window.
+        while len(self._pending) > 256 and self._chan.recv_ready():
+            self._sftp._read_response()
+
+    def create(self, path: str) -> bytes:
+        """Create or truncate ``path`` for writing; its handle (waits for the answer)."""
+        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+        num = self._sftp._async_request(self, CMD_OPEN, path, flags, paramiko.SFTPAttributes())
+        _, msg = self._sftp._read_response(num)
+        return msg.get_binary()
+
+    def write(self, handle: bytes, offset: int, data: bytes) -> None:
+        # One request per channel packet: paramiko keeps 64 bytes of each for its headers,
+        # a write request needs 25 and the handle.
+        size = min(self.MAX_WRITE, self._chan.out_max_packet_size - 89 - len(handle))
+        for start in range(0, len(data), size):
+            self._send(CMD_WRITE, handle, int64(offset + start), data[start : start + size])
+
+    def close(self, handle: bytes) -> None:
+        self._send(CMD_CLOSE, handle)
+
+    def set_attributes(self, path: str, mtime: int, mode: int | None = None) -> None:
+        attrs = paramiko.SFTPAttributes()
+        attrs.st_atime = attrs.st_mtime = mtime
+        if mode is not None:
+            attrs.st_mode = mode
+        self._send(CMD_SETSTAT, path, attrs)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename ``old`` over ``new`` (OpenSSH's posix-rename, atomic)."""
+        self._send(CMD_EXTENDED, "posix-rename@openssh.com", old, new)
+
+    def finish(self) -> None:
+        while self._pending:
+            self._sftp._read_response()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
 
 def connect(endpoint: SSHEndpoint, key: KeyPair | None, **kwargs: object) -> SSHConnection:

@@ -57,7 +57,14 @@ def test_quick_bench_writes_results(tmp_path: Path, extra: list[str]) -> None:
     assert _number(scale["threads_per_kernel"]) and scale["threads_per_kernel"] > 0
     # Resident memory can in principle shrink (freed arenas): only its type is checked.
     assert _number(scale["rss_mb_per_kernel"])
+    workspace = results["workspace"]
+    assert workspace["files"] > 1 and 1.5 < workspace["megabytes"] <= 2.1
+    assert all(_number(workspace[k]) and workspace[k] > 0 for k in ("upload_mb_s", "cp_mb_s"))
+    assert workspace["ratio"] == pytest.approx(
+        workspace["upload_mb_s"] / workspace["cp_mb_s"], 0.01
+    )
     assert "start" in result.stdout and "ratio" in result.stdout
+    assert "workspace:" in result.stdout
     if "--openssh" in extra:
         openssh = results["details"]["openssh"]
         assert set(openssh) == set(FIGURES)

@@ -33,6 +33,7 @@ from ..errors import (
     ProvisioningTimeoutError,
     StartCancelledError,
     UnknownGPUTypeError,
+    WorkspaceError,
 )
 from ..kernelspecs import KERNEL_NAME_PREFIX, PROVISIONER_NAME
 from ..platform import GPUType, Instance
@@ -60,7 +61,7 @@ def http_error(error: FlexAIError) -> ComputeError:
         return ComputeError(400, str(error), gpu_types=error.known)
     if isinstance(error, InvalidRequestError):
         return ComputeError(400, str(error))
-    if isinstance(error, StartCancelledError):
+    if isinstance(error, (StartCancelledError, WorkspaceError)):
         return ComputeError(409, str(error))
     if isinstance(error, NoCapacityError):
         return ComputeError(409, str(error), available=error.available)
@@ -432,6 +433,28 @@ class FlexAIExtension(ExtensionApp):
                     504, f"the cancelled start of kernel {kernel_id} did not end in {timeout:g} s"
                 )
             await asyncio.sleep(0.05)
+
+    async def sync(self, kernel_id: str) -> dict[str, Any]:
+        """Copy back what the kernel made in its workspace, over the kernel's own connection."""
+        kernel = self.flexai_kernels().get(kernel_id)
+        if kernel is None:
+            raise ComputeError(404, f"no FlexAI kernel {kernel_id} runs on this server")
+        provisioner: FlexAIProvisioner = kernel.provisioner
+        try:
+            report = await provisioner.sync_workspace()
+        except FlexAIError as e:
+            raise http_error(e) from None
+        root = Path(self.serverapp.root_dir).resolve()
+        inside = report.directory.is_relative_to(root)
+        directory = report.directory.relative_to(root).as_posix() if inside else None
+        return {
+            "kernel_id": kernel_id,
+            "instance_id": provisioner.instance_id,
+            "directory": "" if directory == "." else directory,
+            "copied": report.copied,
+            "conflicts": [{"path": kept, "saved_as": saved} for kept, saved in report.conflicts],
+            "bytes": report.nbytes,
+        }
 
     async def shutdown(self, kernel_id: str, reason: str) -> None:
         if kernel_id in self._stopping:

@@ -112,6 +112,13 @@ class StopHandler(ComputeHandler):
         self.reply(await self.compute.stop(instance_id))
 
 
+class SyncHandler(ComputeHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, kernel_id: str) -> None:
+        self.reply(await self.compute.sync(kernel_id))
+
+
 class ProgressHandler(ComputeHandler):
     @web.authenticated
     @authorized
@@ -139,6 +146,7 @@ handlers: list[tuple[str, type[ComputeHandler]]] = [
     (r"/api/compute/instances", InstancesHandler),
     (r"/api/compute/instance/" + _ID.format("instance_id"), InstanceHandler),
     (r"/api/compute/instance/" + _ID.format("instance_id") + "/stop", StopHandler),
+    (r"/api/compute/sync/" + _ID.format("kernel_id"), SyncHandler),
     (r"/api/compute/progress", ProgressHandler),
     (r"/api/compute/progress/" + _ID.format("kernel_id"), ProgressHandler),
     (r"/api/compute/health", HealthHandler),
