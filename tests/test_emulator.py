@@ -713,6 +713,55 @@ def test_fault_banner_hang(api: Api, emulator: Emulator) -> None:
         socket.create_connection(address, timeout=5).close()
 
 
+def _timed_run(transport: paramiko.Transport, command: str, stdin: str = "") -> float:
+    t0 = time.monotonic()
+    status, _ = ssh_run(transport, command, stdin)
+    assert status == 0
+    return time.monotonic() - t0
+
+
+def test_fault_link_latency_delays_every_exchange_and_follows_changes(
+    api: Api, emulator: Emulator, client_key: tuple[Path, str]
+) -> None:
+    emulator.update_faults(link_latency_ms=150)
+    inst = api.running()
+    # Opening the channel and the exec request are two serial exchanges: at least two round
+    # trips of 300 ms, however fast the machine (the relay holds each chunk its full delay).
+    transport, presented = ssh_connect(inst, client_key[0])
+    try:
+        assert presented == inst["ssh"]["host_key_fingerprint"]
+        assert _timed_run(transport, "true") >= 0.59
+        emulator.update_faults(link_latency_ms=300)  # on the open connection, at once
+        assert _timed_run(transport, "true") >= 1.19
+        status, echoed = ssh_run(transport, "cat", stdin="x" * 300_000 + "end")
+        assert (status, len(echoed), echoed[-3:]) == (0, 300_003, "end")
+    finally:
+        transport.close()
+    assert api.delete(inst["id"]).json()["state"] == "deleted"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", inst["ssh"]["port"]), timeout=5).close()
+
+
+def test_fault_link_bandwidth_paces_each_direction(
+    api: Api, emulator: Emulator, client_key: tuple[Path, str]
+) -> None:
+    emulator.update_faults(link_bandwidth_mbps=8)  # one megabyte per second
+    inst = api.running()
+    transport, _ = ssh_connect(inst, client_key[0])
+    try:
+        assert _timed_run(transport, "head -c 1000000 /dev/zero") >= 0.9
+        assert _timed_run(transport, "wc -c", stdin="y" * 1_000_000) >= 0.9
+    finally:
+        transport.close()
+
+
+def test_link_faults_are_validated(emulator: Emulator) -> None:
+    with pytest.raises(ValueError, match="link_latency_ms"):
+        emulator.update_faults(link_latency_ms=-1)
+    with pytest.raises(ValueError, match="link_bandwidth_mbps"):
+        emulator.update_faults(link_bandwidth_mbps="fast")
+
+
 def test_fault_capacity_rejects_unknown_types(emulator: Emulator) -> None:
     with pytest.raises(ValueError, match="Z1"):
         emulator.update_faults(capacity={"Z1": 1})

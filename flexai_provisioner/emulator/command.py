@@ -93,6 +93,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TYPE=COUNT",
         help="override a GPU type's capacity; repeatable",
     )
+    parser.add_argument(
+        "--link-latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="milliseconds added each way to every SSH connection to an instance (default 0)",
+    )
+    parser.add_argument(
+        "--link-bandwidth-mbps",
+        type=float,
+        default=0.0,
+        metavar="MBPS",
+        help="bandwidth each way of those connections in megabits/s (default 0: no cap)",
+    )
     parser.add_argument("--seed", type=int, help="seed for the random faults")
     parser.add_argument(
         "--log-level",
@@ -137,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             capacity=dict(args.capacity),
             provision_delay=args.provision_delay,
+            link_latency_ms=args.link_latency_ms,
+            link_bandwidth_mbps=args.link_bandwidth_mbps,
         )
         emulator = Emulator(
             port=args.port, api_keys=api_keys, state_dir=args.state_dir, faults=faults

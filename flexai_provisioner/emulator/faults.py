@@ -70,6 +70,17 @@ class Faults:
     capacity: dict[str, int] = field(
         default_factory=dict, metadata=_doc("GPU type -> capacity, overriding the catalog")
     )
+    link_latency_ms: float = field(
+        default=0.0,
+        metadata=_doc(
+            "milliseconds added each way to SSH connections to instances, by a relay in front "
+            "of their sshd; instances created while this and link_bandwidth_mbps are 0 are "
+            "reached directly, the others follow changes at once"
+        ),
+    )
+    link_bandwidth_mbps: float = field(
+        default=0.0, metadata=_doc("megabits per second each way through that relay (0: no cap)")
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -131,6 +142,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "wrong_authorized_key": (lambda v: isinstance(v, bool), "true or false"),
     "banner_hang": (lambda v: isinstance(v, bool), "true or false"),
     "capacity": (_is_capacity, "an object mapping GPU type names to integers >= 0"),
+    "link_latency_ms": (lambda v: _is_number(v) and 0 <= v <= 10_000, "a number in 0..10000"),
+    "link_bandwidth_mbps": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
 }
 
 

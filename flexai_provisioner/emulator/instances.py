@@ -30,6 +30,7 @@ from .catalog import GPUCatalogEntry
 from .errors import ApiError, EmulatorError, invalid, not_found
 from .faults import FaultInjector, Faults
 from .keys import fingerprint, new_private_key, public_line, write_private_key
+from .link import DelayedLink
 from .sshd import BannerHang, SSHDProcess, start_sshd
 from .validation import ProvisionRequest, parse_provision
 
@@ -62,6 +63,8 @@ class Instance:
     message: str = "queued"
     ssh: dict[str, Any] | None = None
     endpoint: SSHDProcess | BannerHang | None = None
+    link: DelayedLink | None = None
+    """The relay clients reach ``endpoint`` through, under the link faults."""
     cancel: threading.Event = field(default_factory=threading.Event)
     """Set by stop/delete: the provisioning worker gives up at its next step."""
     teardown: threading.Lock = field(default_factory=threading.Lock)
@@ -290,13 +293,29 @@ class Cloud:
                 log.exception("instance %s: could not start its SSH endpoint", inst.id)
                 self._transition(inst, "failed", f"the emulator failed to start sshd: {exc}")
                 return
+            try:
+                link = self._start_link(inst, endpoint.port)
+            except OSError as exc:
+                endpoint.stop(self.grace)
+                self._transition(inst, "failed", f"the emulator failed to start its link: {exc}")
+                return
             ssh = {
                 "host": "127.0.0.1",
-                "port": endpoint.port,
+                "port": endpoint.port if link is None else link.port,
                 "user": self.user,
                 "host_key_fingerprint": host_fingerprint,
             }
-            self._transition(inst, "running", "", endpoint=endpoint, ssh=ssh)
+            self._transition(inst, "running", "", endpoint=endpoint, link=link, ssh=ssh)
+
+    def _start_link(self, inst: Instance, port: int) -> DelayedLink | None:
+        if not (inst.faults.link_latency_ms or inst.faults.link_bandwidth_mbps):
+            return None
+
+        def shape() -> tuple[float, float]:
+            live = self.injector.faults  # not the instance's snapshot: a link can degrade
+            return live.link_latency_ms / 1000, live.link_bandwidth_mbps * 1e6 / 8
+
+        return DelayedLink(port, shape)
 
     def session_env(self, inst: Instance) -> dict[str, str]:
         """The environment sshd gives every session of ``inst`` (its SetEnv)."""
@@ -341,6 +360,9 @@ class Cloud:
 
     def _release(self, inst: Instance) -> None:
         """End the endpoint and every process of ``inst``. Caller holds ``inst.teardown``."""
+        link, inst.link = inst.link, None
+        if link is not None:
+            link.stop(self.grace)
         endpoint, inst.endpoint = inst.endpoint, None
         if endpoint is not None:
             endpoint.stop(self.grace)
