@@ -104,13 +104,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 class EmulatorProcess:
     """``python -m flexai_provisioner.emulator`` in a subprocess, so it shares no GIL with us.
 
-    Zero provisioning delay. Stopped with SIGTERM (it then deletes every instance); it also
-    gets SIGTERM if this process dies without cleaning up.
+    Zero provisioning delay; ``link_latency_ms`` each way on SSH connections to instances.
+    Stopped with SIGTERM (it then deletes every instance); it also gets SIGTERM if this
+    process dies without cleaning up.
     """
 
-    def __init__(self, env: Environment):
-        self.log_path = env.root / "emulator.log"
-        out_path = env.root / "emulator.out"
+    def __init__(self, env: Environment, link_latency_ms: float = 0.0):
+        name = f"emulator-link-{link_latency_ms:g}" if link_latency_ms else "emulator"
+        self.log_path = env.root / f"{name}.log"
+        out_path = env.root / f"{name}.out"
         with open(self.log_path, "wb") as log, open(out_path, "wb") as out:
             self.proc = subprocess.Popen(
                 [
@@ -119,8 +121,9 @@ class EmulatorProcess:
                     "flexai_provisioner.emulator",
                     "--port=0",
                     f"--api-key={env.api_key}",
-                    f"--state-dir={env.root / 'emulator'}",
+                    f"--state-dir={env.root / name}",
                     "--provision-delay=0",
+                    f"--link-latency-ms={link_latency_ms}",
                     "--capacity=A100=64",  # the catalog has 8; the scale run needs more
                     "--log-level=WARNING",
                 ],

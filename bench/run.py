@@ -20,11 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from flexai_provisioner import progress
@@ -33,16 +32,17 @@ from .harness import (
     FLEXAI,
     LOCAL,
     OPENSSH,
-    Empty,
     EmulatorProcess,
     Environment,
     Kernels,
     process_stats,
     use_openssh_when_labelled,
 )
+from .link import LinkConfig, run_link
+from .link import table as link_table
+from .ops import TIMEOUT, restart, rtts, shutdown, start_ready, throughput
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
-TIMEOUT = 120.0  # for any single step; a hang fails the run instead of stalling it
 
 TARGETS = {  # ratio flexai/local the issue asks for
     "start": ("<=", 1.5),
@@ -69,6 +69,8 @@ class Config:
     openssh: bool = False  # also measure the experimental OpenSSH forwarder
     workspace_mb: int = 50  # the notebook folder copied to the instance at each start
     workspace_runs: int = 3
+    link: LinkConfig | None = field(default_factory=LinkConfig)  # None: no link run
+    link_only: bool = False  # skip the loopback figures
 
     @classmethod
     def quick(cls) -> Config:
@@ -84,128 +86,8 @@ class Config:
             scale_rtts=5,
             workspace_mb=2,
             workspace_runs=1,
+            link=LinkConfig.quick(),
         )
-
-
-# -- kernel operations -------------------------------------------------------------------
-
-
-def _parent(msg: dict[str, Any]) -> str | None:
-    return msg.get("parent_header", {}).get("msg_id")
-
-
-async def wait_ready(kc: AsyncKernelClient) -> None:
-    """Until the first kernel_info reply (re-asked every 2 s in case a request was lost)."""
-    deadline = time.monotonic() + TIMEOUT
-    asked: set[str] = set()
-    while time.monotonic() < deadline:
-        asked.add(kc.kernel_info())
-        try:
-            while True:
-                msg = await kc.get_shell_msg(timeout=2)
-                if msg["msg_type"] == "kernel_info_reply" and _parent(msg) in asked:
-                    return
-        except Empty:
-            continue
-    raise TimeoutError("no kernel_info reply")
-
-
-async def drain_iopub(kc: AsyncKernelClient, quiet: float = 0.05) -> None:
-    while True:
-        try:
-            await kc.get_iopub_msg(timeout=quiet)
-        except Empty:
-            return
-
-
-async def start_ready(kernels: Kernels, name: str) -> tuple[AsyncKernelManager, Any, float]:
-    """start_kernel → first kernel_info reply; returns the manager, its client and seconds."""
-    km = kernels.new(name)
-    t0 = time.perf_counter()
-    # The local kernel's own output goes to a log file (the FlexAI one's stays remote).
-    out = kernels.kernel_log
-    await asyncio.wait_for(km.start_kernel(stdout=out, stderr=out), TIMEOUT)
-    # As jupyter_server's websocket bridge: the manager's shared context, no heartbeat thread.
-    kc = km.client(context=kernels.context)
-    kc.start_channels(hb=False)
-    await wait_ready(kc)
-    elapsed = time.perf_counter() - t0
-    await drain_iopub(kc)
-    return km, kc, elapsed
-
-
-async def shutdown(km: AsyncKernelManager, kc: Any) -> float:
-    """shutdown_kernel → returned (for FlexAI that includes the instance's deletion)."""
-    kc.stop_channels()
-    t0 = time.perf_counter()
-    await asyncio.wait_for(km.shutdown_kernel(), TIMEOUT)
-    return time.perf_counter() - t0
-
-
-async def restart(km: AsyncKernelManager, kc: Any) -> float:
-    """restart_kernel → the new kernel's first kernel_info reply, through the same client."""
-    t0 = time.perf_counter()
-    await asyncio.wait_for(km.restart_kernel(), TIMEOUT)
-    await wait_ready(kc)
-    elapsed = time.perf_counter() - t0
-    await drain_iopub(kc)
-    return elapsed
-
-
-async def execute(kc: Any, code: str) -> float:
-    """Seconds from execute_request to its execute_reply; then waits for idle (untimed)."""
-    t0 = time.perf_counter()
-    msg_id = kc.execute(code, store_history=False)
-    while _parent(await kc.get_shell_msg(timeout=TIMEOUT)) != msg_id:
-        pass
-    elapsed = time.perf_counter() - t0
-    while True:
-        msg = await kc.get_iopub_msg(timeout=TIMEOUT)
-        if (
-            _parent(msg) == msg_id
-            and msg["msg_type"] == "status"
-            and msg["content"]["execution_state"] == "idle"
-        ):
-            return elapsed
-
-
-async def rtts(kc: Any, count: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        await execute(kc, "pass")
-    return [await execute(kc, "pass") for _ in range(count)]
-
-
-THROUGHPUT_CODE = """\
-import sys
-_chunk = "x" * (1024 * 1024 - 1) + "\\n"
-for _ in range({n}):
-    sys.stdout.write(_chunk)
-    sys.stdout.flush()
-del _chunk
-"""
-
-
-async def throughput(kc: Any, megabytes: int) -> float:
-    """MB/s of stdout received over iopub: execute_request → the last byte and idle."""
-    t0 = time.perf_counter()
-    msg_id = kc.execute(THROUGHPUT_CODE.format(n=megabytes), store_history=False)
-    received = 0
-    while True:
-        msg = await kc.get_iopub_msg(timeout=TIMEOUT)
-        if _parent(msg) != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            received += len(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            raise RuntimeError(f"throughput code failed: {msg['content']}")
-        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    elapsed = time.perf_counter() - t0
-    while _parent(await kc.get_shell_msg(timeout=TIMEOUT)) != msg_id:
-        pass
-    if received < megabytes * 1024 * 1024:
-        raise RuntimeError(f"received {received} bytes of {megabytes} MiB")
-    return received / 1e6 / elapsed
 
 
 # -- phases ------------------------------------------------------------------------------
@@ -457,41 +339,48 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--megabytes", type=int, help="MiB of stdout per throughput run")
     parser.add_argument("--restarts", type=int, help="restart samples per kind")
     parser.add_argument("--scale", type=int, help="flexai kernels started at once")
-    parser.add_argument("--workspace-mb", type=int, help="MiB of the uploaded notebook folder")
     parser.add_argument("--no-local-scale", action="store_true", help="skip local scale run")
     parser.add_argument(
         "--openssh", action="store_true", help="also measure the experimental OpenSSH forwarder"
     )
+    parser.add_argument("--workspace-mb", type=int, help="MiB of the uploaded notebook folder")
+    parser.add_argument(
+        "--link-ms",
+        type=float,
+        default=LinkConfig.one_way_ms,
+        metavar="MS",
+        help=f"one-way delay of the link run (default {LinkConfig.one_way_ms:g})",
+    )
+    link = parser.add_mutually_exclusive_group()
+    link.add_argument("--no-link", action="store_true", help="skip the run over a delayed link")
+    link.add_argument("--link-only", action="store_true", help="only the run over the link")
     parser.add_argument("-v", "--verbose", action="store_true", help="provisioner logs")
     args = parser.parse_args(argv)
     cfg = Config.quick() if args.quick else Config()
-    for field in ("starts", "rtts", "megabytes", "restarts", "scale", "workspace_mb"):
-        if getattr(args, field) is not None:
-            setattr(cfg, field, max(1, getattr(args, field)))
+    for name in ("starts", "rtts", "megabytes", "restarts", "scale", "workspace_mb"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, max(1, getattr(args, name)))
     if args.no_local_scale:
         cfg.local_scale = False
     cfg.openssh = args.openssh
+    if args.no_link:
+        cfg.link = None
+    else:
+        assert cfg.link is not None
+        cfg.link.one_way_ms = args.link_ms
+    cfg.link_only = args.link_only
     return cfg, args
 
 
-async def run(cfg: Config, output: Path) -> int:
-    def log(text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    env = Environment()
-    kernels = Kernels(env.root / "kernels.log")
-    emulator: EmulatorProcess | None = None
+async def run_loopback(cfg: Config, env: Environment, kernels: Kernels, log: Any) -> dict:
+    """The figures on loopback (zero delay): printed, and returned as the results' top level."""
+    emulator = EmulatorProcess(env)
     try:
-        emulator = EmulatorProcess(env)
         log(f"emulator at {emulator.url}; {asdict(cfg)}")
         if cfg.openssh:
             use_openssh_when_labelled()
         raw = await measure_kinds(cfg, kernels, log)
         scale = await measure_scale(cfg, kernels, FLEXAI, log)
-        workspace = await measure_workspace(cfg, kernels, env.root, log)
 
         async def reference_scale(kind: str) -> dict[str, Any] | None:
             """A scale run for comparison only: its failure must not cost the figures above
@@ -505,52 +394,70 @@ async def run(cfg: Config, output: Path) -> int:
 
         local_scale = await reference_scale(LOCAL) if cfg.local_scale else None
         openssh_scale = await reference_scale(OPENSSH) if cfg.openssh else None
-        figures, details = summarise(raw)
-        details["scale_local"] = local_scale
-        details["samples_ms"] = {
-            kind: {k: _ms(v) for k, v in raw[kind].items() if k not in ("rtt", "throughput")}
-            for kind in raw
-        }
-        details["throughput_mb_s"] = {kind: raw[kind]["throughput"] for kind in raw}
-        if cfg.openssh:
-            details["openssh"] = summarise(raw, OPENSSH)[0]
-            details["scale_openssh"] = openssh_scale
-        details["config"] = asdict(cfg)
-        details["machine"] = {"python": sys.version.split()[0], "platform": platform.platform()}
-        results = {
-            "figures": figures,
-            "scale": scale,
-            "workspace": workspace,
-            "details": details,
+        workspace = await measure_workspace(cfg, kernels, env.root, log)
+    finally:
+        await kernels.shutdown_all(keep_context=True)
+        emulator.stop()
+    figures, details = summarise(raw)
+    details["scale_local"] = local_scale
+    details["samples_ms"] = {
+        kind: {k: _ms(v) for k, v in raw[kind].items() if k not in ("rtt", "throughput")}
+        for kind in raw
+    }
+    details["throughput_mb_s"] = {kind: raw[kind]["throughput"] for kind in raw}
+    if cfg.openssh:
+        details["openssh"] = summarise(raw, OPENSSH)[0]
+        details["scale_openssh"] = openssh_scale
+    print(table(figures, scale, details))
+    print(
+        f"\nworkspace: {workspace['megabytes']:.1f} MB in {workspace['files']} files uploaded "
+        f"at {workspace['upload_mb_s']:.1f} MB/s, cp -r {workspace['cp_mb_s']:.1f} MB/s: "
+        f"ratio {workspace['ratio']:.3f}; restart with it unchanged "
+        f"{workspace['restart_unchanged_s']:.2f} s"
+    )
+    if cfg.openssh:
+        print("\nexperimental OpenSSH forwarder (ssh -L via a ControlMaster), same run:")
+        print(openssh_table(details["openssh"]))
+        if openssh_scale is None:
+            print("scale: failed (see the log above)")
+        else:
+            print(
+                f"scale: {openssh_scale['kernels']} kernels in "
+                f"{openssh_scale['start_total_s']:.2f} s, "
+                f"{openssh_scale['rss_mb_per_kernel']:.2f} MB and "
+                f"{openssh_scale['threads_per_kernel']:.2f} threads per kernel, rtt under load "
+                f"{openssh_scale['rtt_ms_median']:.3f} ms"
+            )
+    return {"figures": figures, "scale": scale, "workspace": workspace, "details": details}
+
+
+async def run(cfg: Config, output: Path) -> int:
+    def log(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    env = Environment()
+    kernels = Kernels(env.root / "kernels.log")
+    results: dict[str, Any] = {}
+    try:
+        if not cfg.link_only:
+            results = await run_loopback(cfg, env, kernels, log)
+        if cfg.link is not None:
+            results["link"] = await run_link(cfg.link, env, kernels, log)
+            print("\n" + link_table(results["link"]))
+        results.setdefault("details", {})["config"] = asdict(cfg)
+        results["details"]["machine"] = {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
         }
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2) + "\n")
-        print(table(figures, scale, details))
-        print(
-            f"\nworkspace: {workspace['megabytes']:.1f} MB in {workspace['files']} files uploaded "
-            f"at {workspace['upload_mb_s']:.1f} MB/s, cp -r {workspace['cp_mb_s']:.1f} MB/s: "
-            f"ratio {workspace['ratio']:.3f}; restart with it unchanged "
-            f"{workspace['restart_unchanged_s']:.2f} s"
-        )
-        if cfg.openssh:
-            print("\nexperimental OpenSSH forwarder (ssh -L via a ControlMaster), same run:")
-            print(openssh_table(details["openssh"]))
-            if openssh_scale is None:
-                print("scale: failed (see the log above)")
-            else:
-                print(
-                    f"scale: {openssh_scale['kernels']} kernels in "
-                    f"{openssh_scale['start_total_s']:.2f} s, "
-                    f"{openssh_scale['rss_mb_per_kernel']:.2f} MB and "
-                    f"{openssh_scale['threads_per_kernel']:.2f} threads per kernel, rtt under load "
-                    f"{openssh_scale['rtt_ms_median']:.3f} ms"
-                )
         print(f"\nwritten to {output}")
         return 0
     finally:
         await asyncio.shield(kernels.shutdown_all())
-        if emulator is not None:
-            emulator.stop()
         env.restore()
 
 

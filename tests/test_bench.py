@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ("start", "rtt", "throughput", "restart", "shutdown")
+LINK_TIMES = ("start", "first_reply", "restart", "interrupt", "shutdown", "rtt")
 
 
 def _number(value: object) -> bool:
@@ -28,7 +29,7 @@ def _number(value: object) -> bool:
     [
         [],
         pytest.param(
-            ["--openssh", "--no-local-scale"],
+            ["--openssh", "--no-local-scale", "--no-link"],
             marks=pytest.mark.skipif(not shutil.which("ssh"), reason="no OpenSSH client"),
         ),
     ],
@@ -65,8 +66,30 @@ def test_quick_bench_writes_results(tmp_path: Path, extra: list[str]) -> None:
     )
     assert "start" in result.stdout and "ratio" in result.stdout
     assert "workspace:" in result.stdout
+    if "--no-link" in extra:
+        assert "link" not in results
+    else:
+        _check_link(results["link"])
     if "--openssh" in extra:
         openssh = results["details"]["openssh"]
         assert set(openssh) == set(FIGURES)
         assert all(_number(v) and v > 0 for fig in openssh.values() for v in fig.values())
         assert results["details"]["scale_openssh"]["kernels"] == 2
+
+
+def _check_link(link: dict) -> None:
+    """The link run's section: every figure of both the provisioner and the peer tunnel."""
+    assert link["one_way_ms"] == 25
+    # The relay holds each chunk 25 ms each way: a round trip can only be longer than 50 ms.
+    assert _number(link["rtt_ms"]) and link["rtt_ms"] >= 50
+    for section, label in ((link["figures"], "flexai"), (link["peer"], "peer")):
+        assert set(section) == {*LINK_TIMES, "throughput"}
+        for name in LINK_TIMES:
+            figure = section[name]
+            assert _number(figure["local"]) and figure["local"] > 0, (label, name)
+            assert _number(figure[label]) and figure[label] > 0, (label, name)
+            assert _number(figure["excess_rtts"]), (label, name)
+        # Over the link every execute pays at least one of its round trips.
+        assert section["rtt"][label] >= link["rtt_ms"] / 1000
+        assert _number(section["rtt"]["p95"]["excess_rtts"])
+        assert all(_number(v) and v > 0 for v in section["throughput"].values()), label

@@ -1,0 +1,163 @@
+"""What the benchmark does to a kernel, each step timed: start, execute, restart, interrupt,
+stream output, shut down. Shared by the loopback run and the link run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+
+from .harness import Empty, Kernels
+
+TIMEOUT = 120.0  # for any single step; a hang fails the run instead of stalling it
+
+
+def _parent(msg: dict[str, Any]) -> str | None:
+    return msg.get("parent_header", {}).get("msg_id")
+
+
+async def wait_ready(kc: AsyncKernelClient) -> None:
+    """Until the first kernel_info reply (re-asked every 2 s in case a request was lost)."""
+    deadline = time.monotonic() + TIMEOUT
+    asked: set[str] = set()
+    while time.monotonic() < deadline:
+        asked.add(kc.kernel_info())
+        try:
+            while True:
+                msg = await kc.get_shell_msg(timeout=2)
+                if msg["msg_type"] == "kernel_info_reply" and _parent(msg) in asked:
+                    return
+        except Empty:
+            continue
+    raise TimeoutError("no kernel_info reply")
+
+
+async def drain_iopub(kc: AsyncKernelClient, quiet: float = 0.05) -> None:
+    while True:
+        try:
+            await kc.get_iopub_msg(timeout=quiet)
+        except Empty:
+            return
+
+
+async def start_phases(
+    kernels: Kernels, name: str
+) -> tuple[AsyncKernelManager, AsyncKernelClient, float, float]:
+    """start_kernel → returned, then → first kernel_info reply through a fresh client;
+    returns the manager, its client and the seconds to each, both from the call."""
+    km = kernels.new(name)
+    t0 = time.perf_counter()
+    # The local kernel's own output goes to a log file (the FlexAI one's stays remote).
+    out = kernels.kernel_log
+    await asyncio.wait_for(km.start_kernel(stdout=out, stderr=out), TIMEOUT)
+    started = time.perf_counter() - t0
+    # As jupyter_server's websocket bridge: the manager's shared context, no heartbeat thread.
+    kc = km.client(context=kernels.context)
+    kc.start_channels(hb=False)
+    await wait_ready(kc)
+    ready = time.perf_counter() - t0
+    await drain_iopub(kc)
+    return km, kc, started, ready
+
+
+async def start_ready(kernels: Kernels, name: str) -> tuple[AsyncKernelManager, Any, float]:
+    """start_kernel → first kernel_info reply; returns the manager, its client and seconds."""
+    km, kc, _, ready = await start_phases(kernels, name)
+    return km, kc, ready
+
+
+async def shutdown(km: AsyncKernelManager, kc: Any) -> float:
+    """shutdown_kernel → returned (for FlexAI that includes the instance's deletion)."""
+    kc.stop_channels()
+    t0 = time.perf_counter()
+    await asyncio.wait_for(km.shutdown_kernel(), TIMEOUT)
+    return time.perf_counter() - t0
+
+
+async def restart(km: AsyncKernelManager, kc: Any) -> float:
+    """restart_kernel → the new kernel's first kernel_info reply, through the same client."""
+    t0 = time.perf_counter()
+    await asyncio.wait_for(km.restart_kernel(), TIMEOUT)
+    await wait_ready(kc)
+    elapsed = time.perf_counter() - t0
+    await drain_iopub(kc)
+    return elapsed
+
+
+async def execute(kc: Any, code: str) -> float:
+    """Seconds from execute_request to its execute_reply; then waits for idle (untimed)."""
+    t0 = time.perf_counter()
+    msg_id = kc.execute(code, store_history=False)
+    while _parent(await kc.get_shell_msg(timeout=TIMEOUT)) != msg_id:
+        pass
+    elapsed = time.perf_counter() - t0
+    while True:
+        msg = await kc.get_iopub_msg(timeout=TIMEOUT)
+        if (
+            _parent(msg) == msg_id
+            and msg["msg_type"] == "status"
+            and msg["content"]["execution_state"] == "idle"
+        ):
+            return elapsed
+
+
+async def rtts(kc: Any, count: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        await execute(kc, "pass")
+    return [await execute(kc, "pass") for _ in range(count)]
+
+
+async def interrupt(km: AsyncKernelManager, kc: Any) -> float:
+    """interrupt_kernel() while a cell sleeps → that cell's execute_reply (KeyboardInterrupt)."""
+    msg_id = kc.execute("import time; time.sleep(60)", store_history=False)
+    while not (
+        (msg := await kc.get_iopub_msg(timeout=TIMEOUT))["msg_type"] == "execute_input"
+        and _parent(msg) == msg_id
+    ):
+        pass
+    await asyncio.sleep(0.05)  # untimed: let the cell reach its sleep
+    t0 = time.perf_counter()
+    await asyncio.wait_for(km.interrupt_kernel(), TIMEOUT)
+    while _parent(reply := await kc.get_shell_msg(timeout=TIMEOUT)) != msg_id:
+        pass
+    elapsed = time.perf_counter() - t0
+    if reply["content"].get("ename") != "KeyboardInterrupt":
+        raise RuntimeError(f"the interrupted cell ended with {reply['content']}")
+    await drain_iopub(kc)
+    return elapsed
+
+
+THROUGHPUT_CODE = """\
+import sys
+_chunk = "x" * (1024 * 1024 - 1) + "\\n"
+for _ in range({n}):
+    sys.stdout.write(_chunk)
+    sys.stdout.flush()
+del _chunk
+"""
+
+
+async def throughput(kc: Any, megabytes: int) -> float:
+    """MB/s of stdout received over iopub: execute_request → the last byte and idle."""
+    t0 = time.perf_counter()
+    msg_id = kc.execute(THROUGHPUT_CODE.format(n=megabytes), store_history=False)
+    received = 0
+    while True:
+        msg = await kc.get_iopub_msg(timeout=TIMEOUT)
+        if _parent(msg) != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            received += len(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            raise RuntimeError(f"throughput code failed: {msg['content']}")
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    elapsed = time.perf_counter() - t0
+    while _parent(await kc.get_shell_msg(timeout=TIMEOUT)) != msg_id:
+        pass
+    if received < megabytes * 1024 * 1024:
+        raise RuntimeError(f"received {received} bytes of {megabytes} MiB")
+    return received / 1e6 / elapsed
