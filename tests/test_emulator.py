@@ -742,6 +742,18 @@ def test_fault_link_latency_delays_every_exchange_and_follows_changes(
         socket.create_connection(("127.0.0.1", inst["ssh"]["port"]), timeout=5).close()
 
 
+def test_deleting_an_instance_drops_what_its_link_holds_at_once(
+    api: Api, emulator: Emulator, client_key: tuple[Path, str]
+) -> None:
+    emulator.update_faults(link_latency_ms=4000)
+    inst = api.running()
+    with socket.create_connection(("127.0.0.1", inst["ssh"]["port"]), timeout=30) as sock:
+        sock.sendall(b"SSH-2.0-test\r\n")  # in flight for 4 s when the delete comes
+        t0 = time.monotonic()
+        assert api.delete(inst["id"]).json()["state"] == "deleted"
+        assert time.monotonic() - t0 < 3.0, "the delete waited for the link's delay"
+
+
 def test_fault_link_bandwidth_paces_each_direction(
     api: Api, emulator: Emulator, client_key: tuple[Path, str]
 ) -> None:

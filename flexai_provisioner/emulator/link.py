@@ -103,14 +103,14 @@ class _Connection:
         ended: Callable[[_Connection], None],
     ):
         self._ended = ended
-        self.sockets = (downstream, upstream)
+        self.sockets = pair = (downstream, upstream)
         self._running = 2
         self._lock = threading.Lock()
         for sock in self.sockets:
             # The relay must not add Nagle's wait to the delay it models.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for src, dst in (self.sockets, self.sockets[::-1]):
-            line = _DelayLine(src, dst, shape, self)
+        self._lines = [_DelayLine(src, dst, shape, self) for src, dst in (pair, pair[::-1])]
+        for line in self._lines:
             spawn(line.read, "link-read")
             spawn(line.write, "link-write")
 
@@ -129,6 +129,9 @@ class _Connection:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """At once: what is still in flight is dropped, as when a host goes away."""
+        for line in self._lines:
+            line.halt()
         for sock in self.sockets:
             _close(sock)
 
@@ -198,8 +201,11 @@ class _DelayLine:
             self._fail()
         self._connection.line_ended()
 
-    def _fail(self) -> None:
+    def halt(self) -> None:
         with self._ready:
             self._done = True
             self._ready.notify_all()
+
+    def _fail(self) -> None:
+        self.halt()
         self._connection.abort()
