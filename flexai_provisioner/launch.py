@@ -4,8 +4,10 @@ VS Code's local kernels and emacs-jupyter ignore ``metadata.kernel_provisioner``
 connection file, run ``argv`` and talk to the ports in the file. Run that way, this module
 does what the provisioner does, on the same :class:`~flexai_provisioner.session.InstanceSession`
 (ledger, time-to-live, pinned host key, phases logged on stderr): it listens on the file's
-ports on 127.0.0.1 at once, provisions an instance, starts ipykernel there with the file's key
-and signature scheme, and forwards the ports to it. jupyter_client never runs it: its
+ports on 127.0.0.1 at once, provisions an instance, copies the directory it was started in
+(the notebook's, as these frontends start kernels) to the instance, starts ipykernel there
+with the file's key and signature scheme, and forwards the ports to it; at the end, the
+kernel's results come back as they do for the provisioner. jupyter_client never runs it: its
 provisioner replaces ``argv`` with ipykernel on the instance.
 
 Towards the frontend it behaves like a local kernel process:
@@ -26,6 +28,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -86,12 +89,18 @@ def read_connection_file(path: str) -> dict[str, Any]:
 class Launcher:
     """One kernel on a FlexAI instance, owned by this process for a frontend."""
 
-    def __init__(self, gpu_type: str, gpu_count: int, connection: dict[str, Any]):
+    def __init__(
+        self,
+        gpu_type: str,
+        gpu_count: int,
+        connection: dict[str, Any],
+        settings: SessionSettings | None = None,
+    ):
         self.gpu_type = gpu_type
         self.gpu_count = gpu_count
         self.connection = connection
         self.kernel_id = str(uuid.uuid4())
-        self.settings = SessionSettings()
+        self.settings = settings or SessionSettings()
         self._signals: list[int] = []  # appended by handlers, consumed by the main loop
         self._wake_r, self._wake_w = os.pipe()
         self._started = threading.Event()  # the remote kernel runs
@@ -138,8 +147,12 @@ class Launcher:
         }
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         try:
+            self.session.plan_workspace(os.getcwd(), self.kernel_id)
             self.session.provision(self.gpu_type, self.gpu_count, self.kernel_id, phase)
             self.session.connect(phase)
+            if self.session.workspace is not None:
+                self.session.keep_key(self.kernel_id)  # for `jupyter flexai sync`
+            self.session.upload_workspace(phase)
             phase("starting kernel")
             argv = ipykernel_argv(self.settings.remote_python)
             self.session.launch_kernel(argv, connection, env)
@@ -205,6 +218,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the connection file the frontend wrote (its ports, key, signature scheme)",
     )
+    parser.add_argument(
+        "--no-workspace",
+        dest="workspace",
+        action="store_false",
+        help="start the kernel in the instance's home directory instead of a copy of this "
+        "one (the provisioner's workspace = False)",
+    )
+    parser.add_argument(
+        "--workspace-max-mb",
+        type=float,
+        default=SessionSettings.workspace_max_mb,
+        metavar="MB",
+        help="refuse to copy a directory holding more (default: %(default)g)",
+    )
     return parser
 
 
@@ -220,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         kernel_name(args.gpu)
         check_gpu_count(args.gpu_count)
         connection = read_connection_file(args.connection_file)
-        launcher = Launcher(args.gpu, args.gpu_count, connection)
+        if not (math.isfinite(args.workspace_max_mb) and args.workspace_max_mb > 0):
+            raise ConfigurationError("--workspace-max-mb must be a number of MB > 0")
+        settings = SessionSettings(workspace=args.workspace, workspace_max_mb=args.workspace_max_mb)
+        launcher = Launcher(args.gpu, args.gpu_count, connection, settings)
         return launcher.run()
     except FlexAIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
 from . import exit_cleanup, progress
@@ -251,21 +250,15 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return load_private_key(self.ssh_key_file, self.ssh_key_passphrase or None)
         return generate_keypair(f"flexai-kernel-{self.kernel_id}")
 
-    def _save_key(self, key: KeyPair, session: InstanceSession) -> None:
+    def _save_key(self, session: InstanceSession) -> None:
         """Keep the per-kernel key in a 0600 runtime file, so a restarted server can reattach.
 
         A user's own key (``ssh_key_file``) is never copied: reattaching reads it again.
-        The ledger knows the file, so ``jupyter flexai gc`` removes it if this process dies.
         """
         if self.ssh_key_file:
+            session.key_file = self.ssh_key_file
             return
-        path = Path(jupyter_runtime_dir()) / f"flexai-{self.kernel_id}.key"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_openssh)
-        self._key_file = path
-        session.ledger.record_key_file(session.request_key, str(path))
+        self._key_file = session.keep_key(self.kernel_id)
 
     def _client(self, api_url: str | None) -> FlexAIClient:
         return FlexAIClient(api_url, self.api_key or None, deadline=self.api_timeout)
@@ -356,8 +349,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 session.provision, self.gpu_type, self.gpu_count, self.kernel_id, phase
             )
             await self._in_thread(session.connect, phase)
-            await self._in_thread(self._save_key, key, session)
-            session.key_file = str(self._key_file) if self._key_file else self.ssh_key_file
+            await self._in_thread(self._save_key, session)
             await self._in_thread(session.upload_workspace, phase)
             phase("starting kernel")
         except BaseException as e:

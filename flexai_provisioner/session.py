@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import paramiko
+from jupyter_core.paths import jupyter_runtime_dir
 
 from . import exit_cleanup
 from .client import wait_running
@@ -101,7 +103,8 @@ class InstanceSession:
         self.kernel: RemoteKernel | None = None
         self._launched = False  # a kernel ran here, so its workspace may hold results
         self.workspace: Workspace | None = None  # the kernel's folder, mirrored on the instance
-        self.key_file: str | None = None  # where the key is kept, for `jupyter flexai sync`
+        self.key_file: str | None = None  # where another process finds the key, if anywhere
+        self._kept_key: Path | None = None  # written by keep_key, removed at teardown
         self.lost_reason: str | None = None  # set when the instance cannot be reached again
         self.cancel = threading.Event()  # set to abandon a start or a reconnect
         self._reconnecting = False
@@ -192,6 +195,21 @@ class InstanceSession:
             connect_timeout=self.settings.connect_timeout,
             keepalive_interval=self.settings.keepalive_interval,
         )
+
+    def keep_key(self, kernel_id: str) -> Path:
+        """Keep the private key in a 0600 runtime file, for other processes that need to reach
+        the instance (a restarted server reattaching, ``jupyter flexai sync``). The ledger
+        knows the file, so ``jupyter flexai gc`` removes it if this process dies; teardown
+        removes it otherwise."""
+        path = Path(jupyter_runtime_dir()) / f"flexai-{kernel_id}.key"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.key.private_openssh)
+        self.key_file = str(path)
+        self._kept_key = path
+        self.ledger.record_key_file(self.request_key, str(path))
+        return path
 
     def plan_workspace(self, local_dir: str | None, kernel_id: str) -> None:
         """Choose the folder to mirror on the instance (the frontend's ``cwd`` for the
@@ -474,6 +492,8 @@ class InstanceSession:
                 self.conn.close()
             self.delete_instance()
         finally:
+            if self._kept_key is not None:  # the instance is gone or its deletion owed
+                self._kept_key.unlink(missing_ok=True)
             exit_cleanup.unregister(self)
 
     def _save_results(self) -> None:

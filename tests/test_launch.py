@@ -85,9 +85,13 @@ class Frontend:
         self.clients: list[BlockingKernelClient] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        """Run argv in ``cwd`` (default: this test's directory), as a frontend runs it in the
+        notebook's folder."""
         with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(
+                self.argv, cwd=cwd or self.directory, stdin=subprocess.DEVNULL, stderr=err
+            )
         return self.proc
 
     def stderr(self) -> str:

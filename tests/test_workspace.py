@@ -17,6 +17,8 @@ import pytest
 from jupyter_client import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
+from test_launch import Frontend, installed_argv  # noqa: F401 - a fixture
+from test_launch import run as run_blocking
 from test_lifecycle import connected_client, run
 
 from flexai_provisioner import progress
@@ -234,3 +236,25 @@ def test_sync_endpoint(emulator, jupyter_server):
     assert missing.status_code == 404 and "no-such-kernel" in missing.json()["message"]
     assert server.delete(f"api/sessions/{created.json()['id']}").status_code == 204
     assert (sub / "late.txt").exists()  # copied back at shutdown
+
+
+def test_the_launcher_has_the_same_workspace(emulator, installed_argv, tmp_path, project):  # noqa: F811
+    """A frontend that runs the kernelspec's argv itself (VS Code) runs it in the notebook's
+    folder: the launcher mirrors that folder as the provisioner does."""
+    frontend = Frontend(installed_argv, tmp_path)
+    try:
+        frontend.start(cwd=project)
+        kc = frontend.client()
+        _, out = run_blocking(kc, "print(open('data/input.txt').read().strip())")
+        assert out.strip() == "forty-two"
+        run_blocking(kc, "open('during.txt', 'w').write('1'); open('after.txt', 'w')")
+        done = subprocess.run([JUPYTER_FLEXAI, "sync"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert (project / "during.txt").read_text() == "1"
+        kc.shutdown()
+        assert frontend.wait() == 0, frontend.stderr()
+    finally:
+        frontend.stop()
+    assert (project / "after.txt").exists()
+    assert "uploading files" in frontend.stderr()
+    assert not list(Path(os.environ["JUPYTER_RUNTIME_DIR"]).glob("flexai-*"))  # key, manifest
