@@ -35,6 +35,7 @@ __all__ = [
     "KERNEL_NAME_PREFIX",
     "LAUNCHER_MODULE",
     "PROVISIONER_NAME",
+    "check_gpu_count",
     "install_kernelspecs",
     "ipykernel_argv",
     "kernel_name",

@@ -122,7 +122,12 @@ class Launcher:
             lambda: reap_and_report(platform, ledger, platform.api_url, log)
         )
         session = InstanceSession(
-            platform, ledger, platform.api_url, generate_keypair(), self.settings, log
+            platform,
+            ledger,
+            platform.api_url,
+            generate_keypair(f"flexai-kernel-{self.kernel_id}"),
+            self.settings,
+            log,
         )
         self.session = session
         try:

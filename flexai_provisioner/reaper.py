@@ -136,14 +136,17 @@ def reap_orphans(
     return done
 
 
-def reap_and_report(platform: Platform, ledger: Ledger, api_url: str, log: logging.Logger) -> None:
-    """Reap at a kernel's start: say what was deleted; failing to check is only a warning."""
+def reap_and_report(
+    platform: Platform, ledger: Ledger, api_url: str, report: logging.Logger
+) -> None:
+    """Reap at a kernel's start (provisioner or launcher): say on ``report`` what was
+    deleted; failing to check is only a warning."""
     try:
         for item in reap_orphans(platform, ledger, api_url):
-            log.warning(
+            report.warning(
                 "deleted FlexAI instance %s of a kernel whose process died (%s)",
                 item.instance_id,
                 item.reason,
             )
     except FlexAIError as e:
-        log.warning("could not check for orphaned FlexAI instances: %s", e)
+        report.warning("could not check for orphaned FlexAI instances: %s", e)

@@ -325,7 +325,8 @@ class Tunnel:
     A connection whose remote port refuses it (the kernel is being restarted, nothing
     listens yet) is not closed but parked until the next :meth:`retarget`, and relayed to
     the new kernel the moment it is known: the client need not wait out its reconnect
-    interval (100 ms for ZeroMQ) after a restart.
+    interval (100 ms for ZeroMQ) after a restart. So is a connection that comes before the
+    first :meth:`retarget`, from a frontend that chose the ports while the instance boots.
     """
 
     def __init__(

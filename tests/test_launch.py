@@ -314,3 +314,13 @@ async def test_with_jupyter_client_the_provisioner_runs_ipykernel_on_the_instanc
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+def test_without_an_api_the_launcher_says_how_to_configure_one(frontend, monkeypatch):
+    monkeypatch.delenv("FLEXAI_API_URL")
+    monkeypatch.delenv("FLEXAI_API_KEY")
+    frontend.start()
+    assert frontend.wait() == 1
+    lines = frontend.stderr().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m flexai_provisioner.launch: error:")
+    assert "FLEXAI_API_URL" in lines[0]
