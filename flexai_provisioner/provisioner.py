@@ -431,7 +431,13 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._session is not None:
             await self._in_thread(self._session.signal, signum)
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        if self._session is not None:
+            self._session.expect_kernel_exit()
+
     async def kill(self, restart: bool = False) -> None:
+        if self._session is not None:
+            self._session.expect_kernel_exit()
         await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:

@@ -347,6 +347,11 @@ class InstanceSession:
         if kernel is not None and kernel.watching:
             kernel.signal(signum)
 
+    def expect_kernel_exit(self) -> None:
+        """The kernel was asked to shut down or killed: its ports are about to close."""
+        if self.tunnel is not None:
+            self.tunnel.hold()
+
     @property
     def connected(self) -> bool:
         return self.conn is not None and self.conn.is_active() and not self._reconnecting

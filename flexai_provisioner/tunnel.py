@@ -366,6 +366,11 @@ class Tunnel:
         self._fwd.call(self._drop_pipes)
         self._fwd.call(self._unpark)
 
+    def hold(self) -> None:
+        """The kernel is about to exit: park new connections until the next :meth:`retarget`
+        (or :meth:`close`) instead of opening channels that its closing ports would refuse."""
+        self._targets = {}
+
     def disconnect(self) -> None:
         """The transport died: close relayed connections now, so clients notice and wait.
 
@@ -630,6 +635,9 @@ class OpenSSHTunnel:
         held, self._held = self._held, []
         for s in held:
             s.close()
+
+    def hold(self) -> None:
+        """Nothing to do: ssh's forwards open a channel per connection whatever we do."""
 
     def disconnect(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -124,6 +125,23 @@ async def test_restart_reuses_the_instance(emulator, kernel, now):
     reply, _ = await run(kc, "x")
     assert reply["status"] == "error" and reply["ename"] == "NameError"
     assert elapsed < 20, f"restart took {elapsed:.1f}s: it must not re-provision"
+
+
+async def test_restarts_and_shutdown_open_no_channel_the_old_kernel_refuses(
+    emulator, kernelspecs, caplog
+):
+    """Once a shutdown is asked, reconnecting clients wait for the new kernel (or the end)
+    instead of each costing a channel open that the exiting kernel's closed port refuses."""
+    caplog.set_level(logging.DEBUG, logger="flexai_provisioner.tunnel")
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    async with started(km) as kc:
+        for now in (False, True):
+            await km.restart_kernel(now=now)
+            await kc.wait_for_ready(timeout=60)
+        reply, _ = await run(kc, "1 + 1")
+        assert reply["status"] == "ok"
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == []
 
 
 @pytest.mark.parametrize("mode", ["signal", "message"])
