@@ -502,18 +502,25 @@ class InstanceSession:
             exit_cleanup.unregister(self)
 
     def _save_results(self) -> None:
-        """Before the instance goes: copy back what the kernel made, over a fresh connection
-        if the link is down (its files are lost with the instance otherwise)."""
-        workspace, conn = self.workspace, self.conn
+        """Before the instance goes: copy back what the kernel made. A link that is down or
+        fails meanwhile (dropped, or silent) gets one fresh connection: the files are lost
+        with the instance otherwise."""
+        workspace = self.workspace
         if workspace is None:
             return
         fresh = None
         try:
             if not self._launched or self.lost_reason is not None:
                 return  # no kernel ever ran there, or the instance is gone
-            if conn is None or not conn.is_active():
-                conn = fresh = self._connect()
-            workspace.download(conn, self.settings.connect_timeout)
+            timeout = self.settings.connect_timeout
+            try:
+                if self.conn is None or not self.conn.is_active():
+                    raise SSHError("the SSH link is down")
+                workspace.download(self.conn, timeout)
+            except (SSHError, WorkspaceError) as e:
+                self.log.warning("copying the kernel's files back: %s; trying a new link", e)
+                fresh = self._connect()
+                workspace.download(fresh, timeout)
         except FlexAIError as e:
             self.log.error(
                 "could not copy the kernel's files back from instance %s before deleting it: %s",

@@ -6,8 +6,10 @@ a real ``jupyter server`` for the sync endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from test_launch import Frontend, installed_argv  # noqa: F401 - a fixture
 from test_launch import run as run_blocking
-from test_lifecycle import connected_client, run
+from test_lifecycle import connected_client, run, ssh_connection_processes
 
 from flexai_provisioner import progress
 from flexai_provisioner.errors import WorkspaceTooLargeError
@@ -156,6 +158,34 @@ def _log_prefix(stderr: str) -> str:
     """The CLI's log format up to the message."""
     line = next(line for line in stderr.splitlines() if " WARNING " in line)
     return line[: line.index(": ") + 2]
+
+
+async def test_results_come_back_over_a_new_link_when_the_old_one_hangs(
+    emulator, kernelspecs, project, caplog
+):
+    """A hung sshd (its TCP still acknowledging) at shutdown: the copy back times out on the
+    old link and succeeds over a fresh one, before the instance is deleted."""
+    kernelspecs.add("flexai-hang", {"ssh_connect_timeout": 3.0})
+    km = AsyncKernelManager(kernel_name="flexai-hang")
+    await km.start_kernel(cwd=str(project))
+    stopped: list[int] = []
+    try:
+        async with connected_client(km) as kc:
+            await run(kc, "open('trained.txt', 'w').write('weights')")
+        stopped = ssh_connection_processes(emulator)
+        assert stopped, "no sshd connection process found"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        await km.shutdown_kernel(now=True)
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+    assert (project / "trained.txt").read_text() == "weights"
+    assert any("trying a new link" in m for m in caplog.messages)
+    assert emulator.live_instances() == []
 
 
 async def test_size_limit_and_flexaiignore(emulator, kernelspecs, project):
