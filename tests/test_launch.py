@@ -2,7 +2,8 @@
 
 Each test installs ``flexai-a100`` with ``jupyter flexai install``, writes a connection file
 with ports of its own choosing, substitutes ``{connection_file}`` in ``argv``, runs it with
-``subprocess`` and talks to those ports with a plain ``BlockingKernelClient``. The autouse
+``subprocess`` and talks to those ports with a plain ``BlockingKernelClient`` (or attaches
+``jupyter console --existing``). The autouse
 ``no_leaks`` fixture checks that no instance and no instance process is left.
 """
 
@@ -189,6 +190,36 @@ def test_the_kernel_runs_on_an_instance_and_shutdown_deletes_it(emulator, fronte
     assert frontend.wait() == 0, frontend.stderr()
     assert emulator.live_instances() == []
     assert proc.poll() == 0
+
+
+def test_jupyter_console_existing_attaches_and_shuts_down(emulator, frontend, tmp_path):
+    proc = frontend.start()
+    code = (
+        "import os\nprint('instance:', os.environ['FLEXAI_INSTANCE_ID'])\n"
+        "quit(keep_kernel=False)\n"
+    )
+    console = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("jupyter")),
+            "console",
+            "--existing",
+            str(frontend.connection_file),
+            "--simple-prompt",
+            "--ZMQTerminalInteractiveShell.kernel_timeout=120",
+        ],
+        input=code,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "IPYTHONDIR": str(tmp_path / "ipython")},
+    )
+    assert console.returncode == 0, console.stderr
+    lines = console.stdout.splitlines()
+    (instance_id,) = [line.split()[-1] for line in lines if "instance: " in line]
+    assert instance_id.startswith("inst-")
+    assert frontend.wait() == 0, frontend.stderr()  # quit(keep_kernel=False) shut it down
+    assert proc.returncode == 0
+    assert emulator.live_instances() == []
 
 
 def test_sigint_interrupts_the_remote_kernel(emulator, frontend):
