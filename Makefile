@@ -5,15 +5,12 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: venv demo lint test bench clean distclean venv-deps demo-deps test-deps
+.PHONY: venv demo lint test bench clean distclean demo-deps test-deps
 
 # Each task's system packages (see scripts/system-deps for the names).
 VENV_NEEDS := python3
 DEMO_NEEDS := sshd
 TEST_NEEDS := sshd chromium
-
-venv-deps:
-	bash scripts/system-deps $(VENV_NEEDS)
 
 demo-deps:
 	bash scripts/system-deps $(DEMO_NEEDS)
@@ -24,12 +21,14 @@ test-deps:
 # The markers are rebuilt when pyproject.toml changes (new dependency, entry point, extra).
 # An existing virtual environment is reused, never recreated over. The demo installs only
 # what it runs (extra "demo"), the rest of the tasks the test tools too (extra "test").
-$(VENV)/.installed: pyproject.toml | venv-deps
+$(VENV)/.installed: pyproject.toml
+	bash scripts/system-deps $(VENV_NEEDS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
-$(VENV)/.demo-installed: pyproject.toml | venv-deps
+$(VENV)/.demo-installed: pyproject.toml
+	bash scripts/system-deps $(VENV_NEEDS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e '.[demo]'
 	touch $@
