@@ -49,6 +49,7 @@ from .ops import (
     throughput,
     wait_ready,
 )
+from .workspace import measure_workspace
 
 PEER = "peer"
 KINDS = (LOCAL, FLEXAI, PEER)
@@ -65,10 +66,20 @@ class LinkConfig:
     megabytes: int = 20
     throughput_runs: int = 3
     calibrations: int = 30
+    workspace_mb: int = 50
+    workspace_runs: int = 1
 
     @classmethod
     def quick(cls) -> LinkConfig:
-        return cls(samples=1, rtts=5, rtt_warmup=1, megabytes=1, throughput_runs=1, calibrations=5)
+        return cls(
+            samples=1,
+            rtts=5,
+            rtt_warmup=1,
+            megabytes=1,
+            throughput_runs=1,
+            calibrations=5,
+            workspace_mb=2,
+        )
 
 
 class PeerTunnel:
@@ -291,11 +302,15 @@ async def run_link(cfg: LinkConfig, env: Environment, kernels: Kernels, log: Any
         rtt = statistics.median(calibration)
         log(f"link: {cfg.one_way_ms:g} ms each way, round trip {rtt * 1000:.1f} ms")
         raw = await measure(cfg, kernels, peer, log)
+        workspace = await measure_workspace(
+            cfg.workspace_mb, cfg.workspace_runs, kernels, env.root, log
+        )
         return {
             "one_way_ms": cfg.one_way_ms,
             "rtt_ms": round(rtt * 1000, 3),
             "figures": summarise(raw, rtt, FLEXAI, "flexai"),
             "peer": summarise(raw, rtt, PEER, "peer"),
+            "workspace": workspace,
             "samples_ms": {
                 kind: {name: [round(v * 1000, 3) for v in raw[kind][name]] for name in TIMES}
                 for kind in KINDS

@@ -12,12 +12,9 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import platform
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
-
-from flexai_provisioner import progress
 
 from .harness import (
     FLEXAI,
@@ -40,7 +35,8 @@ from .harness import (
 )
 from .link import LinkConfig, run_link
 from .link import table as link_table
-from .ops import TIMEOUT, restart, rtts, shutdown, start_ready, throughput
+from .ops import restart, rtts, shutdown, start_ready, throughput
+from .workspace import measure_workspace, workspace_line
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 
@@ -193,61 +189,6 @@ async def measure_scale(cfg: Config, kernels: Kernels, kind: str, log: Any) -> d
     return result
 
 
-def make_folder(root: Path, megabytes: int) -> tuple[Path, int]:
-    """A notebook folder of ``megabytes`` MiB of random bytes, shaped like a project: four
-    fifths in 4 MiB data files, the rest in 64 KiB files. Returns it and its file count."""
-    folder = root / "notebook-folder"
-    (folder / "data").mkdir(parents=True)
-    (folder / "src").mkdir()
-    total = megabytes * 1024 * 1024
-    big, small = 4 * 1024 * 1024, 64 * 1024
-    count = 0
-    for i in range(total * 4 // 5 // big):
-        (folder / "data" / f"part-{i:03}.bin").write_bytes(os.urandom(big))
-        count += 1
-    while sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) + small <= total:
-        (folder / "src" / f"module_{count:04}.py").write_bytes(os.urandom(small))
-        count += 1
-    return folder, count
-
-
-async def measure_workspace(cfg: Config, kernels: Kernels, root: Path, log: Any) -> dict[str, Any]:
-    """The upload of a notebook folder at a kernel's start (its ``uploading files`` phase, to
-    ``starting kernel``) against ``cp -r`` of the same files on this machine, interleaved."""
-    folder, count = make_folder(root, cfg.workspace_mb)
-    nbytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    uploads: list[float] = []
-    copies: list[float] = []
-    restarts: list[float] = []
-    for _ in range(cfg.workspace_runs):
-        dest = root / "cp-copy"
-        t0 = time.perf_counter()
-        await asyncio.to_thread(subprocess.run, ["cp", "-r", str(folder), str(dest)], check=True)
-        copies.append(time.perf_counter() - t0)
-        shutil.rmtree(dest)
-        km = kernels.new(FLEXAI)
-        await asyncio.wait_for(km.start_kernel(cwd=str(folder)), TIMEOUT)
-        phases = {e.phase: e.elapsed for e in progress.history(km.kernel_id)}
-        uploads.append(phases["starting kernel"] - phases["uploading files"])
-        t0 = time.perf_counter()  # nothing changed: the restart's upload only compares
-        await asyncio.wait_for(km.restart_kernel(), TIMEOUT)
-        restarts.append(time.perf_counter() - t0)
-        await asyncio.wait_for(km.shutdown_kernel(now=True), TIMEOUT)
-        log(f"workspace: upload {uploads[-1]:.3f} s, cp {copies[-1]:.3f} s")
-    upload_mb_s = nbytes / 1e6 / statistics.median(uploads)
-    cp_mb_s = nbytes / 1e6 / statistics.median(copies)
-    return {
-        "megabytes": round(nbytes / 1e6, 3),
-        "files": count,
-        "upload_mb_s": round(upload_mb_s, 3),
-        "cp_mb_s": round(cp_mb_s, 3),
-        "ratio": round(upload_mb_s / cp_mb_s, 4),
-        "restart_unchanged_s": round(statistics.median(restarts), 3),
-        "upload_s": [round(u, 3) for u in uploads],
-        "cp_s": [round(c, 3) for c in copies],
-    }
-
-
 # -- report ------------------------------------------------------------------------------
 
 
@@ -394,7 +335,9 @@ async def run_loopback(cfg: Config, env: Environment, kernels: Kernels, log: Any
 
         local_scale = await reference_scale(LOCAL) if cfg.local_scale else None
         openssh_scale = await reference_scale(OPENSSH) if cfg.openssh else None
-        workspace = await measure_workspace(cfg, kernels, env.root, log)
+        workspace = await measure_workspace(
+            cfg.workspace_mb, cfg.workspace_runs, kernels, env.root, log
+        )
     finally:
         await kernels.shutdown_all(keep_context=True)
         emulator.stop()
@@ -409,12 +352,7 @@ async def run_loopback(cfg: Config, env: Environment, kernels: Kernels, log: Any
         details["openssh"] = summarise(raw, OPENSSH)[0]
         details["scale_openssh"] = openssh_scale
     print(table(figures, scale, details))
-    print(
-        f"\nworkspace: {workspace['megabytes']:.1f} MB in {workspace['files']} files uploaded "
-        f"at {workspace['upload_mb_s']:.1f} MB/s, cp -r {workspace['cp_mb_s']:.1f} MB/s: "
-        f"ratio {workspace['ratio']:.3f}; restart with it unchanged "
-        f"{workspace['restart_unchanged_s']:.2f} s"
-    )
+    print("\n" + workspace_line(workspace))
     if cfg.openssh:
         print("\nexperimental OpenSSH forwarder (ssh -L via a ControlMaster), same run:")
         print(openssh_table(details["openssh"]))
@@ -447,6 +385,7 @@ async def run(cfg: Config, output: Path) -> int:
         if cfg.link is not None:
             results["link"] = await run_link(cfg.link, env, kernels, log)
             print("\n" + link_table(results["link"]))
+            print(workspace_line(results["link"]["workspace"]))
         results.setdefault("details", {})["config"] = asdict(cfg)
         results["details"]["machine"] = {
             "python": sys.version.split()[0],
