@@ -65,9 +65,8 @@ def state_path(kernel_id: str) -> Path:
 
 
 def running_workspaces() -> list[Path]:
-    """The manifest files of this user's kernels that have a workspace, oldest first."""
-    found = Path(jupyter_runtime_dir()).glob("flexai-*.workspace.json")
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    """The manifest files of this user's kernels that have a workspace."""
+    return sorted(Path(jupyter_runtime_dir()).glob("flexai-*.workspace.json"))
 
 
 def megabytes(nbytes: int) -> str:
@@ -151,6 +150,7 @@ class Workspace:
         self.remote_dir: str | None = None
         self.label = ""  # the instance id, in the names of saved conflicting versions
         self.reach: dict[str, Any] = {}  # how another process reaches the instance
+        self._owner = True  # the kernel's own process, not `jupyter flexai sync`
         if not self.local_dir.is_dir():
             raise WorkspaceError(f"the kernel's folder {self.local_dir} is not a directory")
 
@@ -163,6 +163,7 @@ class Workspace:
             state = json.loads(state_file.read_text())
             ws = cls(Path(state["local_dir"]), state_file, log=log)
             ws.remote_dir, ws.label, ws.reach = state["remote_dir"], state["label"], state["reach"]
+            ws._owner = False
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise WorkspaceError(f"cannot read the workspace manifest {state_file}: {e}") from None
         return ws
@@ -212,16 +213,26 @@ class Workspace:
     def _manifest(self) -> Iterator[dict[str, dict[str, Stamp | None]]]:
         """The manifest, exclusively, for the block; saved afterwards (even after an error,
         so that what was copied before it is known)."""
-        lock_path = self.state_file.with_suffix(".lock")
-        self.state_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self._locked():
+            if not self._owner and not self.state_file.exists():
+                # Waited for the kernel's last sync; writing now would resurrect the file.
+                raise WorkspaceError(
+                    f"the kernel has shut down meanwhile; its files were copied back to "
+                    f"{self.local_dir} then"
+                )
             files = self._load_files()
             try:
                 yield files
             finally:
                 self._save(files)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.state_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.state_file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
         finally:
             os.close(fd)  # releases the lock
 
@@ -261,8 +272,9 @@ class Workspace:
 
     def forget(self) -> None:
         """Remove the manifest (the kernel and its instance are gone)."""
-        self.state_file.unlink(missing_ok=True)
-        self.state_file.with_suffix(".lock").unlink(missing_ok=True)
+        with self._locked():
+            self.state_file.unlink(missing_ok=True)
+            self.state_file.with_suffix(".lock").unlink(missing_ok=True)
 
     # -- instance side -------------------------------------------------------------------
 
@@ -280,8 +292,7 @@ class Workspace:
         ``cancel`` is set, no further file is started.
         """
         local = self.scan()
-        if self.remote_dir is None:
-            self.remote_dir = self._make_remote_dir(conn, timeout)
+        self.remote_dir = self._make_remote_dir(conn, timeout)  # again: the kernel may delete it
         with self._session(conn, timeout, "to") as sftp, self._manifest() as manifest:
             remote, dirs = self._walk_remote(sftp)
             todo = []
@@ -409,7 +420,11 @@ class Workspace:
         pending = [""]
         while pending:
             rel_dir = pending.pop()
-            for entry in sftp.listdir_attr(f"{self.remote_dir}/{rel_dir}".rstrip("/")):
+            try:
+                entries = sftp.listdir_attr(f"{self.remote_dir}/{rel_dir}".rstrip("/"))
+            except FileNotFoundError:  # the kernel removed it meanwhile
+                continue
+            for entry in entries:
                 rel = rel_dir + entry.filename
                 mode = entry.st_mode or 0
                 if stat.S_ISDIR(mode) and not rules.skips_dir(rel):
