@@ -31,6 +31,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ ALWAYS_SKIPPED = (".*/", ".ipynb_checkpoints/", "__pycache__/")
 PART_SUFFIX = ".flexai-part"  # a copy in progress, renamed over its target when complete
 REMOTE_ROOT = "flexai-workspace"  # under the instance's $HOME
 CHUNK = 1024 * 1024
+OPEN_AHEAD = 16  # files asked open before the first of them is written: no wait per file
 MB = 1024 * 1024
 
 # The umask, for the mode of files created by a sync (read once: setting it is process-wide).
@@ -314,10 +316,15 @@ class Workspace:
                 )
             started = time.monotonic()
             batch, copied = SFTPBatch(sftp), {}
+            opened: deque[tuple[str, int]] = deque()  # files asked open, not yet written
             for rel in todo:
                 if cancel is not None and cancel.is_set():
                     break
-                copied[rel] = self._put(sftp, batch, rel, dirs)
+                opened.append((rel, self._create(sftp, batch, rel, dirs)))
+                if len(opened) > OPEN_AHEAD:
+                    copied.update(self._put(batch, *opened.popleft()))
+            while opened and not (cancel is not None and cancel.is_set()):
+                copied.update(self._put(batch, *opened.popleft()))
             batch.finish()
             manifest.update(copied)  # only once the instance confirmed every step
             if todo:
@@ -434,12 +441,9 @@ class Workspace:
                     files[rel] = Stamp(entry.st_size or 0, entry.st_mtime or 0)
         return files, dirs
 
-    def _put(
-        self, sftp: paramiko.SFTPClient, batch: SFTPBatch, rel: str, dirs: set[str]
-    ) -> dict[str, Stamp]:
-        """Copy one file to the instance under a temporary name, then rename it into place
-        (confirmed by ``batch.finish()``)."""
-        parent, _, name = rel.rpartition("/")
+    def _create(self, sftp: paramiko.SFTPClient, batch: SFTPBatch, rel: str, dirs: set[str]) -> int:
+        """Ask the instance to create ``rel``'s temporary copy (and its folders)."""
+        parent = rel.rpartition("/")[0]
         if parent not in dirs:
             path = ""
             for part in parent.split("/"):
@@ -448,20 +452,27 @@ class Workspace:
                     with contextlib.suppress(OSError):  # made meanwhile, by the kernel
                         sftp.mkdir(f"{self.remote_dir}/{path}", 0o755)
                     dirs.add(path)
-        final = f"{self.remote_dir}/{rel}"
-        part = f"{self.remote_dir}/{parent + '/' if parent else ''}.{name}{PART_SUFFIX}"
+        return batch.create(self._part(rel))
+
+    def _put(self, batch: SFTPBatch, rel: str, ticket: int) -> dict[str, dict[str, Stamp]]:
+        """Write one file's copy, then rename it into place (confirmed by ``batch.finish()``)."""
+        handle = batch.handle(ticket)
         with open(self.local_dir / rel, "rb") as src:
             st = os.fstat(src.fileno())
-            handle = batch.create(part)
             offset = 0
             while chunk := src.read(CHUNK):
                 batch.write(handle, offset, chunk)
                 offset += len(chunk)
         batch.close(handle)
         mtime = int(st.st_mtime)
+        part = self._part(rel)
         batch.set_attributes(part, mtime, stat.S_IMODE(st.st_mode) if st.st_mode & 0o111 else None)
-        batch.rename(part, final)
-        return {"local": _local_stamp(st), "remote": Stamp(offset, mtime)}
+        batch.rename(part, f"{self.remote_dir}/{rel}")
+        return {rel: {"local": _local_stamp(st), "remote": Stamp(offset, mtime)}}
+
+    def _part(self, rel: str) -> str:
+        parent, sep, name = rel.rpartition("/")
+        return f"{self.remote_dir}/{parent}{sep}.{name}{PART_SUFFIX}"
 
     def _fetch(
         self, sftp: paramiko.SFTPClient, rel: str, there: Stamp, replaceable: Stamp | None
