@@ -7,6 +7,12 @@ line on stdin:
             ports, write a 0600 connection file, start the kernel in its own session (so it
             survives the SSH connection dropping), print ``{"pid", "ports", "connection_file"}``.
 ``attach``  ``{"pid": N}``: print ``{"pid": N}`` if that kernel still runs, else its exit.
+``preload`` as ``launch``, but started ahead of need (a standby for the next start or
+            restart): it imports ipykernel *before* reading its spec, then forks the kernel
+            from itself, so that a kernel costs its set-up and not its ~0.3 s of imports.
+            It forks only what ``python -m ipykernel_launcher`` with this same Python and
+            no PYTHON* variables would run, and only while it has a single thread; anything
+            else is started as ``launch`` does.
 
 Then, in both modes, it stays as the kernel's watcher for as long as its channel is open:
 each further stdin line ``{"signal": S}`` signals the kernel's process group, and when the
@@ -14,7 +20,7 @@ kernel exits it prints ``{"exit": status}`` (status ``null`` when unknown) and r
 connection file. When stdin closes (the SSH connection dropped or was closed) it just
 leaves, and the kernel keeps running.
 
-Its start-up is on the critical path of every kernel start and restart, so it runs as
+In ``launch`` and ``attach`` its start-up is on the critical path, so it runs as
 ``python3 -I -S`` and imports only ``os``, ``sys``, ``time`` and C modules: ~14 ms from the
 exec request to its first line of work, against ~31 ms with json, subprocess, socket,
 tempfile and shutil (json alone pulls in ``re`` and ``enum``). JSON goes through ``_json``
@@ -145,23 +151,31 @@ def make_workdir():
             continue
 
 
+def find_executable(path, env):
+    """``path`` looked up on the kernel's PATH, as ``Popen(env=...)`` does."""
+    if os.sep in path:
+        return path
+    for directory in os.get_exec_path(env):
+        candidate = os.path.join(directory, path)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError("%s not found on PATH" % path)
+
+
 class Child:
     """The kernel process, started like ``subprocess.Popen`` with ``start_new_session``."""
 
-    def __init__(self, argv, env, cwd, log_path):
-        path = argv[0]
-        if os.sep not in path:  # looked up on the kernel's PATH, as Popen(env=...) does
-            for directory in os.get_exec_path(env):
-                candidate = os.path.join(directory, path)
-                if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-                    path = candidate
-                    break
-            else:
-                raise FileNotFoundError("%s not found on PATH" % path)
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+
+    @classmethod
+    def spawn(cls, argv, env, cwd, log_path):
+        path = find_executable(argv[0], env)
         out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.chdir(cwd)  # posix_spawn cannot change directory; ours does not matter
-            self.pid = os.posix_spawn(
+            pid = os.posix_spawn(
                 path,
                 argv,
                 env,
@@ -175,7 +189,37 @@ class Child:
             )
         finally:
             os.close(out)
-        self.returncode = None
+        return cls(pid)
+
+    @classmethod
+    def fork(cls, argv, env, cwd, log_path, held):
+        """The kernel as a fork of this (preloaded) process; the child never returns."""
+        os.chdir(cwd)  # here, so that a missing folder is an error the agent can report
+        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            os.close(out)
+            return cls(pid)
+        code = 1
+        try:
+            os.setsid()
+            release(held)  # the kernel binds these ports itself
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(null)
+            os.close(out)
+            os.environ.clear()
+            os.environ.update(env)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's own, which main() undid
+            sys.argv = [argv[0], *argv[3:]]  # run_module puts the module's path first
+            code = run_kernel_module(argv[2])
+        finally:
+            # Never unwind into the agent's frames: this process is the kernel now.
+            os._exit(code)
 
     def poll(self):
         if self.returncode is None:
@@ -188,6 +232,63 @@ class Child:
         if self.returncode is None:
             self.returncode = exit_code(os.waitpid(self.pid, 0)[1])
         return self.returncode
+
+
+def run_kernel_module(name):
+    """Run ``name`` as ``python -m`` would and end as the interpreter would; its status."""
+    import atexit
+    import runpy
+    import traceback
+
+    try:
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # what a normal exit runs; os._exit then skips nothing else
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code is None or isinstance(code, int):
+        return code or 0
+    sys.stderr.write("%s\n" % (code,))
+    return 1
+
+
+PRELOADED = "ipykernel_launcher"
+
+
+def preload():
+    """Import what ``python -m ipykernel_launcher`` imports; whether the import worked."""
+    if _json is None:  # not CPython: forking an interpreter is only known safe there
+        return False
+    try:
+        import ipykernel.kernelapp  # noqa: F401 - imported to be inherited by forks
+    except Exception:
+        return False
+    return True
+
+
+def forkable(argv, env):
+    """Whether a fork of this process runs what ``argv`` would, in ``env``."""
+    if len(argv) < 3 or argv[1:3] != ["-m", PRELOADED]:
+        return False
+    if any(
+        name.startswith("PYTHON") and os.environ.get(name) != value for name, value in env.items()
+    ):
+        return False  # they act at interpreter start-up, which a fork skips
+    try:
+        executable = find_executable(argv[0], env)
+    except OSError:
+        return False
+    if os.path.realpath(executable) != os.path.realpath(sys.executable):
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1  # a fork keeps only its own thread
+    except OSError:
+        return False
 
 
 def exit_code(status):
@@ -205,7 +306,7 @@ def listening(port):
         s.close()
 
 
-def launch(spec, lines):
+def launch(spec, lines, preloaded=False):
     workdir = make_workdir()
     held = reserve_ports(len(PORT_NAMES))
     ports = dict(zip(PORT_NAMES, [s.getsockname()[1] for s in held]))
@@ -217,8 +318,12 @@ def launch(spec, lines):
     argv = [arg.replace("{connection_file}", connection_file) for arg in spec["argv"]]
     env = dict(os.environ, **spec.get("env", {}))
     log_path = os.path.join(workdir, "kernel.log")
+    cwd = spec.get("cwd") or os.path.expanduser("~")
     try:
-        proc = Child(argv, env, spec.get("cwd") or os.path.expanduser("~"), log_path)
+        if preloaded and forkable(argv, env):
+            proc = Child.fork(argv, env, cwd, log_path, held)
+        else:
+            proc = Child.spawn(argv, env, cwd, log_path)
     except OSError as e:
         release(held)
         rmtree(workdir)
@@ -309,8 +414,15 @@ def watch(pid, proc, workdir, lines):
 def main():
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     lines = Lines()
+    mode = sys.argv[1]
+    if mode == "preload":
+        preloaded = preload()
+        spec = lines.read()
+        if spec is not None:  # None: the standby was closed before it was needed
+            launch(spec, lines, preloaded)
+        return
     spec = lines.read()
-    {"launch": launch, "attach": attach}[sys.argv[1]](spec, lines)
+    {"launch": launch, "attach": attach}[mode](spec, lines)
 
 
 if __name__ == "__main__":

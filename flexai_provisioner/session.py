@@ -21,10 +21,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import paramiko
 from jupyter_core.paths import jupyter_runtime_dir
@@ -43,10 +43,12 @@ from .errors import (
 from .ledger import Ledger, Owner
 from .platform import Instance, InstanceState, Platform
 from .reaper import LABEL_KERNEL, LABEL_REQUEST, delete_request, owner_labels
-from .remote_kernel import RemoteKernel
+from .remote_kernel import RemoteKernel, Standby
 from .ssh import KeyPair, SSHConnection, connect
 from .tunnel import Tunnel
 from .workspace import SyncReport, Workspace, state_path
+
+T = TypeVar("T")
 
 PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
 
@@ -76,6 +78,7 @@ class SessionSettings:
     labels: dict[str, str] = field(default_factory=dict)
     workspace: bool = True
     workspace_max_mb: float = 100.0
+    preload_kernel: bool = True
 
 
 class InstanceSession:
@@ -101,6 +104,7 @@ class InstanceSession:
         self.conn: SSHConnection | None = None
         self.tunnel: Tunnel | None = None
         self.kernel: RemoteKernel | None = None
+        self._standby: Future[Standby] | None = None  # the next kernel's agent, preloading
         self._launched = False  # a kernel ran here, so its workspace may hold results
         self.workspace: Workspace | None = None  # the kernel's folder, mirrored on the instance
         self.key_file: str | None = None  # where another process finds the key, if anywhere
@@ -185,6 +189,7 @@ class InstanceSession:
             self._check_cancelled()
             self.conn = self._connect()
             self.listen()
+        self._prepare_standby()
         self._check_cancelled()
 
     def _connect(self) -> SSHConnection:
@@ -275,10 +280,38 @@ class InstanceSession:
             env=env,
             timeout=self.settings.launch_timeout,
             cwd=self.workspace.remote_dir if self.workspace else None,
+            standby=self._take_standby(),
         )
         self._launched = True
         self.tunnel.retarget(self.conn.transport, self.kernel.ports)
+        self._prepare_standby()  # for the next restart, while this kernel runs
         self._check_cancelled()
+
+    def _prepare_standby(self) -> None:
+        """Start the next kernel's agent in the background, preloading ipykernel."""
+        conn = self.conn
+        if not self.settings.preload_kernel or conn is None or self._standby is not None:
+            return
+        self._standby = Supervisor.instance().submit(
+            lambda: Standby.open(conn, self.settings.remote_python)
+        )
+
+    def _take_standby(self) -> Standby | None:
+        """The standby, once it is open, if opening it worked (else a new agent does)."""
+        future, self._standby = self._standby, None
+        if future is None:
+            return None
+        try:
+            return future.result(self.settings.launch_timeout)
+        except Exception as e:  # the launch through a new agent reports what is wrong
+            self.log.debug("no standby kernel agent: %s", e)
+            return None
+
+    def _drop_standby(self) -> None:
+        """Close the standby's channel, now or once it is open: its agent then leaves."""
+        future, self._standby = self._standby, None
+        if future is not None:
+            future.add_done_callback(_close_standby)
 
     def reattach(
         self,
@@ -301,6 +334,7 @@ class InstanceSession:
         self.conn = self._connect()
         self.tunnel = Tunnel(PORT_NAMES, local_ports)
         self._attach(kernel["pid"], kernel["ports"], kernel["workdir"])
+        self._prepare_standby()
         self._launched = True
         self.ledger.adopt(request_key)
 
@@ -438,10 +472,12 @@ class InstanceSession:
                         break
                     conn = self._connect()
                     old, self.conn = self.conn, conn
+                    self._drop_standby()
                     if old is not None:
                         old.close()
                     if kernel is not None:
                         self._attach(kernel.pid, kernel.ports, kernel.workdir)
+                    self._prepare_standby()
                     self.reconnects += 1
                     self.log.info("reconnected to instance %s", self.instance.id)
                     return
@@ -490,6 +526,7 @@ class InstanceSession:
             if self.kernel is not None:
                 self.kernel.detach()
                 self.kernel = None
+            self._drop_standby()
             if self.tunnel is not None:
                 self.tunnel.close()
             self._save_results()
@@ -545,6 +582,11 @@ class InstanceSession:
             owed.attempt()
         except PlatformError as e:
             owed.owe(e)
+
+
+def _close_standby(future: Future[Standby]) -> None:
+    if future.exception() is None:
+        future.result().close()
 
 
 class OwedDeletion:
@@ -661,8 +703,8 @@ class Supervisor:
         with self._sessions_lock:
             self._sessions.discard(session)
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        self._pool.submit(fn)
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        return self._pool.submit(fn)
 
     def owe(self, deletion: OwedDeletion) -> None:
         """Retry ``deletion`` when due until it succeeds."""

@@ -144,6 +144,47 @@ async def test_restarts_and_shutdown_open_no_channel_the_old_kernel_refuses(
     assert refused == []
 
 
+def forked_from_a_standby(pid: int) -> bool:
+    """A forked kernel keeps its parent's command line: the agent's, in ``preload`` mode."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:-1] == [b"preload"]
+
+
+KERNEL_FACTS = "import os, sys; print(os.path.basename(sys.argv[0]), os.environ.get('MARK'))"
+
+
+async def test_kernels_are_forked_from_a_preloaded_standby(emulator, kernelspecs):
+    kernelspecs.add("flexai-marked", {}, env={"MARK": "kernelspec-env"})
+    km = AsyncKernelManager(kernel_name="flexai-marked")
+    async with started(km) as kc:
+        for restart in (False, True):
+            if restart:
+                await km.restart_kernel()
+                await kc.wait_for_ready(timeout=60)
+            assert forked_from_a_standby(km.provisioner.remote_pid)
+            reply, out = await run(kc, KERNEL_FACTS)
+            assert reply["status"] == "ok"
+            # What `python -m ipykernel_launcher` with the kernelspec's env would show.
+            assert out.split() == ["ipykernel_launcher.py", "kernelspec-env"]
+
+
+@pytest.mark.parametrize(
+    ("config", "env"),
+    [({"preload_kernel": False}, {}), ({}, {"PYTHONSAFEPATH": "1"})],
+    ids=["preload-off", "python-variable"],
+)
+async def test_kernels_are_new_processes_without_preloading_or_when_a_fork_differs(
+    emulator, kernelspecs, config, env
+):
+    kernelspecs.add("flexai-spawned", config, env=env)
+    km = AsyncKernelManager(kernel_name="flexai-spawned")
+    async with started(km) as kc:
+        pid = km.provisioner.remote_pid
+        assert not forked_from_a_standby(pid)
+        assert b"ipykernel_launcher" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        reply, _ = await run(kc, "1")
+        assert reply["status"] == "ok"
+
+
 @pytest.mark.parametrize("mode", ["signal", "message"])
 async def test_interrupt_stops_a_long_cell_and_keeps_state(emulator, kernelspecs, mode):
     kernelspecs.add(f"flexai-int-{mode}", {}, interrupt_mode=mode)
