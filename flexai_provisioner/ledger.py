@@ -169,7 +169,9 @@ class Ledger:
         ledger moved aside as corrupt keeps its id and its instances stay recognisable)."""
         path = self.path.with_name("owner-id")
         with contextlib.suppress(FileNotFoundError):
-            return path.read_text().strip()
+            if owner_id := path.read_text().strip():
+                return owner_id
+            raise LedgerError(f"the FlexAI ledger's owner id {path} is empty: delete it")
         new = path.with_name(f".owner-id.{os.getpid()}.{secrets.token_hex(4)}")
         try:
             new.write_text(secrets.token_hex(16) + "\n")
@@ -191,13 +193,22 @@ class Ledger:
                     db.execute(f"ALTER TABLE instances ADD COLUMN {name} {kind}")
 
     def _move_aside(self) -> None:
+        try:
+            with self._db() as db:  # another process may have replaced it meanwhile
+                db.execute("PRAGMA schema_version")
+            return
+        except sqlite3.DatabaseError as e:
+            if not _corrupt(e):
+                raise
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         try:
             os.replace(self.path, aside)
         except OSError as e:
-            raise LedgerError(f"the FlexAI ledger {self.path} is corrupt and cannot be moved "
-                              f"aside ({e.strerror}): move or delete it") from None  # fmt: skip
+            raise LedgerError(
+                f"the FlexAI ledger {self.path} is corrupt and cannot be moved aside "
+                f"({e.strerror}): move or delete it"
+            ) from None
         for suffix in ("-journal", "-wal", "-shm"):
             self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
         log.warning(

@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 #: Start phases in the order a first start goes through them (``queued`` and ``booting`` only
-#: when the platform reports those states), then the two notes that may follow ``ready``.
+#: when the platform reports those states), then the notes that may follow ``ready``: ``lost``
+#: (the instance is gone or unreachable; its message says why), ``limit reached``, ``shut down``.
 PHASES = (
     "requesting",
     "queued",
@@ -49,6 +50,7 @@ PHASES = (
     "uploading files",
     "starting kernel",
     "ready",
+    "lost",
     "limit reached",
     "shut down",
 )

@@ -172,6 +172,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _key_file: Path | None = None
     _start_phase: Callable[..., None] | None = None  # reports the start in progress
     _cancel_reason: str | None = None
+    _restarting = False  # from cleanup(restart=True) until the restart's kernel is launched
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -308,8 +309,22 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         kwargs = await super().pre_launch(**kwargs)
+        if self._session is not None and not await self._in_thread(self._session.reusable):
+            # Deleted by the platform or unreachable: a restart starts over on a new instance.
+            self.log.warning(
+                "FlexAI kernel %s: instance %s is lost (%s); provisioning a new one",
+                self.kernel_id,
+                self.instance_id,
+                self.lost_reason,
+            )
+            await self._teardown()
         if self._session is None:
-            await self._bring_up(kwargs.get("cwd"))
+            try:
+                await self._bring_up(kwargs.get("cwd"))
+            except Exception:
+                if self._restarting:
+                    self._report_dead()
+                raise
         else:  # a restart: the folder may have changed meanwhile
             try:
                 await self._in_thread(self._session.upload_workspace)
@@ -348,6 +363,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         session = InstanceSession(
             platform, ledger, platform.api_url, key, self._settings(), self.log
         )
+        session.on_lost = self._report_lost
         self._session = session
         self._cancel_reason = None
         _starting[self.kernel_id] = self
@@ -383,6 +399,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._abandon_start(e)
             raise
         self._not_starting()
+        self._restarting = False
         # A first start is timed from its request, a restart from its launch.
         report = self._start_phase or self._phase(launched)
         self._start_phase = None
@@ -455,12 +472,41 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 5.0)
 
+    def _report_lost(self, reason: str) -> None:
+        """The session gave the instance up (called from the supervisor's thread): a ``lost``
+        phase with the reason, for the server extension's model and events."""
+        session = self._session
+        instance = session.instance if session is not None else None
+        event = progress.publish(
+            self.kernel_id,
+            "lost",
+            instance.uptime() if instance is not None else 0.0,
+            instance_id=instance.id if instance is not None else None,
+            message=reason,
+        )
+        progress.log_event(self.log, event)
+
+    def _report_dead(self) -> None:
+        """Tell jupyter_client's auto-restarter that this kernel is dead for good.
+
+        It declares a kernel dead only after restarts that *return*; a restart that raises
+        (no new instance could be had) leaves it restarting for ever, asking for a new
+        instance every few seconds. Its ``dead`` callbacks are what make jupyter_server show
+        the kernel as dead and drop it, so they are fired here, and it is stopped.
+        """
+        self._restarting = False
+        restarter = getattr(self.parent, "_restarter", None)
+        if restarter is not None:
+            restarter.stop()
+            restarter._fire_callbacks("dead")
+
     # -- stop ----------------------------------------------------------------------------
 
     async def cleanup(self, restart: bool = False) -> None:
         if self._session is None:
             return
         if restart:
+            self._restarting = True
             await self._in_thread(self._session.stop_kernel)
         else:
             await self._teardown()
@@ -511,6 +557,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         session = InstanceSession(
             platform, Ledger(), saved["api_url"], key, self._settings(), self.log
         )
+        session.on_lost = self._report_lost
         local_ports = {name: self.connection_info[name] for name in PORT_NAMES}
         await self._in_thread(
             session.reattach,

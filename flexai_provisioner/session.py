@@ -110,6 +110,7 @@ class InstanceSession:
         self.key_file: str | None = None  # where another process finds the key, if anywhere
         self._kept_key: Path | None = None  # written by keep_key, removed at teardown
         self.lost_reason: str | None = None  # set when the instance cannot be reached again
+        self.on_lost: Callable[[str], None] | None = None  # told the reason, once
         self.cancel = threading.Event()  # set to abandon a start or a reconnect
         self._reconnecting = False
         self.reconnects = 0  # links replaced after a loss
@@ -376,9 +377,10 @@ class InstanceSession:
         return k and {"pid": k.pid, "ports": k.ports, "workdir": k.workdir}
 
     def signal(self, signum: int) -> None:
-        """Signal the kernel's process group on the instance (nothing if it is not watched)."""
+        """Signal the kernel's process group on the instance (nothing if it is not watched, or
+        the link is down: a lost kernel is gone with its instance)."""
         kernel = self.kernel
-        if kernel is not None and kernel.watching:
+        if kernel is not None and kernel.watching and self.connected:
             kernel.signal(signum)
 
     def expect_kernel_exit(self) -> None:
@@ -495,8 +497,23 @@ class InstanceSession:
                 delay = min(delay * 2, 5.0)
             if self.lost_reason:
                 self.log.error("kernel on FlexAI is lost: %s", self.lost_reason)
+                if self.on_lost is not None:
+                    self.on_lost(self.lost_reason)
         finally:
             self._reconnecting = False
+
+    def reusable(self) -> bool:
+        """Whether a restart can keep this instance: it is not lost, once any reconnect that is
+        due or under way has ended (bounded by ``reconnect_timeout``)."""
+        deadline = time.monotonic() + self.settings.reconnect_timeout + 5 * Supervisor.INTERVAL
+        while (
+            self.lost_reason is None
+            and not self._closed
+            and not self.connected
+            and time.monotonic() < deadline
+        ):
+            time.sleep(Supervisor.INTERVAL / 5)
+        return self.lost_reason is None and self.connected
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -505,7 +522,7 @@ class InstanceSession:
         kernel, self.kernel = self.kernel, None
         if kernel is None:
             return
-        if kernel.poll() is None and kernel.watching:
+        if kernel.poll() is None and kernel.watching and self.connected:
             kernel.signal(9)
             kernel.wait_exit(timeout)
         kernel.detach()

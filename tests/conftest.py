@@ -170,8 +170,13 @@ class JupyterServer:
         ]
         env = {**env, "JUPYTER_CONFIG_DIR": str(directory / "config")}
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT
+            self.proc = subprocess.Popen(  # no terminal: SIGINT stops it without asking
+                cmd,
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -8,6 +8,7 @@ Faults come from outside, as an operator would cause them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -17,14 +18,19 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.manager import AsyncKernelManager
-from test_lifecycle import JUPYTER_FLEXAI, OWNER, kill, start_owner, until
+from test_lifecycle import JUPYTER_FLEXAI, OWNER, connected_client, kill, run, start_owner, until
+from traitlets.config import Config
 
+from flexai_provisioner import progress
 from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import LedgerError
 
@@ -263,3 +269,231 @@ async def test_gc_removes_the_key_files_of_dead_owners(emulator, kernelspecs, fl
     done = gc()
     assert instance_id in done.stdout
     assert not keys[0].exists()
+
+
+# -- no instance outlives its owner process --------------------------------------------------
+
+
+EXITING_OWNER = textwrap.dedent(
+    """
+    import json, sys
+    from jupyter_client.manager import KernelManager
+    kms = [KernelManager(kernel_name="flexai-a100") for _ in range(int(sys.argv[1]))]
+    for km in kms:
+        km.start_kernel()
+    print(json.dumps([km.provisioner.instance_id for km in kms]), flush=True)
+    if sys.argv[2] == "hang":
+        sys.stdin.read()
+    """
+)
+
+
+async def test_interpreter_exit_deletes_the_instances_it_did_not_shut_down(emulator, kernelspecs):
+    owner = subprocess.run(
+        [sys.executable, "-c", EXITING_OWNER, "3", "exit"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert owner.returncode == 0, owner.stderr
+    assert len(json.loads(owner.stdout)) == 3
+    assert emulator.live_instances() == [] and emulator.processes() == []
+    assert "3 FlexAI instance(s) not shut down: deleting them" in owner.stderr
+
+
+async def test_sighup_deletes_the_instances_then_ends_the_process(emulator, kernelspecs):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", EXITING_OWNER, "2", "hang"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        instances = json.loads(owner.stdout.readline())
+        assert sorted(emulator.live_instances()) == sorted(instances)
+        owner.send_signal(signal.SIGHUP)
+        assert owner.wait(60) == -signal.SIGHUP  # it still dies of the hang-up
+        assert emulator.live_instances() == []
+    finally:
+        owner.kill()
+        owner.communicate()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_server_stopped_by_a_signal_deletes_its_instances(jupyter_server, emulator, signum):
+    server = jupyter_server()
+    kernel = server.post("api/kernels", json={"name": "flexai-a100"})
+    assert kernel.status_code == 201, kernel.text
+    assert len(emulator.live_instances()) == 1
+    server.proc.send_signal(signum)
+    server.proc.wait(60)
+    assert emulator.live_instances() == [], server.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_server_stopped_during_a_start_deletes_the_booting_instance(
+    jupyter_server, emulator, signum
+):
+    emulator.update_faults(provision_delay=120)  # far longer than the test may take
+    server = jupyter_server()
+    with in_background(lambda: server.post("api/kernels", json={"name": "flexai-a100"})):
+        booting_kernel_id(server)
+        assert len(emulator.live_instances()) == 1
+        server.proc.send_signal(signum)
+        server.proc.wait(60)
+    assert emulator.live_instances() == [], server.log()
+
+
+def booting_kernel_id(server) -> str:
+    """The id of the first kernel seen waiting for its instance to boot."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        kernels = server.get("api/compute/progress").json()["kernels"]
+        booting = [k["kernel_id"] for k in kernels if k["phase"] == "booting"]
+        if booting:
+            return booting[0]
+        time.sleep(0.05)
+    pytest.fail("no kernel reached its booting phase")
+
+
+@contextlib.contextmanager
+def in_background(call) -> Iterator[dict]:
+    """Run ``call`` (a blocking HTTP request) in a thread; its response (or ``error``) is in
+    the dict after."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["response"] = call()
+        except requests.RequestException as e:  # the server went away
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        thread.join(60)
+    assert not thread.is_alive(), "the request did not end"
+
+
+@pytest.mark.parametrize(
+    ("how", "pending"),
+    [("kernel", False), ("kernel", True), ("session", True)],
+    ids=["kernel-delete", "kernel-delete-pending-kernels", "session-delete-pending-kernels"],
+)
+def test_shutting_a_starting_kernel_down_deletes_its_instance_at_once(
+    jupyter_server, emulator, how, pending
+):
+    emulator.update_faults(provision_delay=120)  # far longer than the test may take
+    server = jupyter_server(f"--MappingKernelManager.use_pending_kernels={pending}")
+    model = {"path": "gpu.ipynb", "type": "notebook", "kernel": {"name": "flexai-a100"}}
+    with in_background(lambda: server.post("api/sessions", json=model)) as result:
+        kernel_id = booting_kernel_id(server)
+        assert len(emulator.live_instances()) == 1
+        started = time.monotonic()
+        if how == "kernel":
+            gone = server.delete(f"api/kernels/{kernel_id}")
+        else:
+            [session] = [s for s in server.get("api/sessions").json()]
+            gone = server.delete(f"api/sessions/{session['id']}")
+        assert gone.status_code == 204, gone.text
+        assert time.monotonic() - started < 30
+        assert emulator.live_instances() == []
+    assert result["response"].status_code in (201, 500)
+    assert kernel_id not in [k["id"] for k in server.get("api/kernels").json()]
+
+
+# -- recovery after a lost instance ----------------------------------------------------------
+
+
+def auto_restarting(kernel_name: str = "flexai-a100") -> AsyncIOLoopKernelManager:
+    """A kernel manager whose restarter checks every half second, as a server's does."""
+    config = Config({"KernelRestarter": {"time_to_dead": 0.5}})
+    return AsyncIOLoopKernelManager(kernel_name=kernel_name, config=config)
+
+
+async def test_a_kernel_whose_instance_is_reclaimed_restarts_on_a_new_one(emulator, kernelspecs):
+    km = auto_restarting()
+    await km.start_kernel()
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")
+    try:
+        old = km.provisioner.instance_id
+        reclaimed = time.monotonic()
+        emulator.preempt(old)  # deleted and forgotten: the platform answers 404 for it
+        await asyncio.wait_for(restarted.wait(), 30)  # 404 ends reconnecting at once
+        assert time.monotonic() - reclaimed < 30, "the reconnect waited out reconnect_timeout"
+        await until(
+            lambda: km.provisioner.instance_id not in (None, old) and km.provisioner.remote_pid,
+            90,
+            "the kernel on a new instance",
+        )
+        new = km.provisioner.instance_id
+        assert emulator.live_instances() == [new]
+        async with connected_client(km) as kc:
+            _, out = await run(kc, "print('recovered')")
+        assert out.strip() == "recovered"
+        phases = [(e.phase, e.message) for e in progress.history(km.kernel_id)]
+        lost = phases.index(next(p for p in phases if p[0] == "lost"))
+        assert "no longer exists" in phases[lost][1]
+        after = [p for p, _ in phases[lost:]]
+        assert after[:2] == ["lost", "shut down"] and after[-1] == "ready"
+        assert {"requesting", "connecting", "starting kernel"} <= set(after)
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_a_kernel_that_cannot_be_recovered_is_reported_dead(emulator, kernelspecs):
+    km = auto_restarting()
+    await km.start_kernel()
+    dead = asyncio.Event()
+    km.add_restart_callback(dead.set, "dead")
+    try:
+        emulator.update_faults(capacity={"A100": 0})  # no new instance to be had
+        emulator.preempt(km.provisioner.instance_id)
+        await asyncio.wait_for(dead.wait(), 60)
+        assert not await km.is_alive()
+        lost = [e for e in progress.history(km.kernel_id) if e.phase == "lost"]
+        assert len(lost) == 1 and "no longer exists" in lost[0].message
+        assert emulator.live_instances() == []
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_a_lost_kernel_stops_renewing_its_lease(emulator, kernelspecs):
+    kernelspecs.add(
+        "flexai-lease",
+        {"reconnect_timeout": 1.0, "ssh_keepalive_interval": 1.0, "instance_ttl": 3},
+    )
+    km = AsyncKernelManager(kernel_name="flexai-lease")  # no restarter: it stays dead
+    await km.start_kernel()
+    try:
+        instance_id = km.provisioner.instance_id
+        for pid in emulator.processes():  # the instance's network is gone; it still runs
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd"):
+                os.kill(pid, signal.SIGKILL)
+        await until(lambda: km.provisioner.lost_reason, 30, "the kernel to be given up")
+        assert instance_id in emulator.live_instances()
+        # Heartbeats (every second) would keep it; without them its 3 s lease runs out.
+        await until(lambda: instance_id not in emulator.live_instances(), 20, "the expiry")
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+def test_the_server_reports_a_lost_kernel_and_restarts_it(jupyter_server, emulator):
+    server = jupyter_server()
+    kernel = server.post("api/kernels", json={"name": "flexai-a100"}).json()
+    [model] = server.get("api/compute/instances").json()["instances"]
+    old = model["instance_id"]
+    emulator.preempt(old)
+
+    def phases() -> list[dict]:
+        return server.get(f"api/compute/progress/{kernel['id']}").json()["phases"]
+
+    deadline = time.monotonic() + 90
+    while not any(p["phase"] == "lost" for p in phases()) or phases()[-1]["phase"] != "ready":
+        assert time.monotonic() < deadline, f"no recovery: {phases()}"
+        time.sleep(0.1)
+    [lost] = [p for p in phases() if p["phase"] == "lost"]
+    assert lost["instance_id"] == old and "no longer exists" in lost["message"]
+    [model] = server.get("api/compute/instances").json()["instances"]
+    assert model["instance_id"] != old and model["lost_reason"] is None
+    assert emulator.live_instances() == [model["instance_id"]]
+    assert server.delete(f"api/kernels/{kernel['id']}").status_code == 204

@@ -189,6 +189,10 @@ class Emulator:
         """Pids of every live process of any instance of this emulator, sshd included."""
         return sorted(self._cloud.processes())
 
+    def preempt(self, instance_id: str) -> None:
+        """Reclaim an instance as the platform would: deleted, then unknown (404)."""
+        self._cloud.preempt(instance_id)
+
     def delete_all(self) -> list[str]:
         """Delete every instance not yet deleted (whatever its account); return their ids."""
         return self._cloud.delete_all()

@@ -392,6 +392,15 @@ class Cloud:
             shutil.rmtree(inst.directory, ignore_errors=True)
             self._transition(inst, "deleted", "deleted", ssh=None)
 
+    def preempt(self, instance_id: str) -> None:
+        """Delete an instance and forget it, as a cloud that reclaims a machine does: its
+        owner's next request for it is answered 404."""
+        with self.lock:
+            inst = self._instances[instance_id]
+        self.delete_instance(inst)
+        with self.lock:
+            del self._instances[instance_id]
+
     # --- whole-platform views and shutdown ------------------------------------------------
 
     def instances(self) -> list[Instance]:

@@ -21,7 +21,7 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado import web
 from traitlets import Float
 
-from .. import __version__, progress
+from .. import __version__, exit_cleanup, progress
 from ..client import FlexAIClient
 from ..errors import (
     ConfigurationError,
@@ -143,8 +143,40 @@ class FlexAIExtension(ExtensionApp):
 
         self._unsubscribe = progress.subscribe(on_event)
         self._limits_task = asyncio.create_task(self._watch_limits())
+        # SIGINT without a terminal and SIGHUP end the server without shutting its kernels
+        # down; their instances are deleted at exit (SIGTERM shuts kernels down itself).
+        exit_cleanup.install_signal_handler()
+        self._cancel_starts_on_shutdown(serverapp.kernel_manager)
+
+    def _cancel_starts_on_shutdown(self, kernel_manager: Any) -> None:
+        """Make a shutdown of a kernel still starting cancel its start.
+
+        jupyter_client waits for a starting kernel to be ready before shutting it down, and
+        jupyter_server answers 404 for one it does not list yet: either way the instance
+        would boot on and run, billed, attached to nothing. Every shutdown (DELETE of the
+        kernel or its session, a kernel switch, culling) goes through this method.
+        """
+        shutdown_kernel = kernel_manager.shutdown_kernel
+
+        async def cancelling_shutdown(kernel_id: str, *args: Any, **kwargs: Any) -> None:
+            provisioner = starting().get(kernel_id)
+            if provisioner is not None and provisioner.cancel_start("shut down while starting"):
+                self.log.info("FlexAI kernel %s shut down while starting: cancelled", kernel_id)
+                await self.start_ended(kernel_id)
+                if kernel_id not in kernel_manager:
+                    return
+            await ensure_async(shutdown_kernel(kernel_id, *args, **kwargs))
+
+        kernel_manager.shutdown_kernel = cancelling_shutdown
 
     async def stop_extension(self) -> None:
+        # Before the server shuts its kernels down, which would wait for each start to end.
+        cancelled = [
+            kernel_id
+            for kernel_id, provisioner in starting().items()
+            if provisioner.cancel_start("the server is stopping")
+        ]
+        await asyncio.gather(*(self.start_ended(kernel_id) for kernel_id in cancelled))
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._limits_task is not None:
@@ -301,6 +333,7 @@ class FlexAIExtension(ExtensionApp):
             "state": instance.state.value if instance is not None else state or "unknown",
             "connected": provisioner.connected,
             "reconnects": provisioner.reconnects,
+            "lost_reason": provisioner.lost_reason,
             "gpu_type": known.gpu_type if known else provisioner.gpu_type,
             "gpu_count": known.gpu_count if known else provisioner.gpu_count,
             "created_at": iso(known.created_at) if known else None,
