@@ -396,10 +396,8 @@ class Cloud:
         """Delete an instance and forget it, as a cloud that reclaims a machine does: its
         owner's next request for it is answered 404."""
         with self.lock:
-            inst = self._instances[instance_id]
+            inst = self._instances.pop(instance_id)  # unknown from now on, even while it ends
         self.delete_instance(inst)
-        with self.lock:
-            del self._instances[instance_id]
 
     # --- whole-platform views and shutdown ------------------------------------------------
 
