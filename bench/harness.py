@@ -79,8 +79,8 @@ def use_openssh_when_labelled() -> None:
     The provisioner has no setting for it (it is an experiment), so the bench swaps the
     tunnel right after the session connects; the master starts while the kernel launches.
     """
+    from bench.openssh import OpenSSHTunnel
     from flexai_provisioner import session
-    from flexai_provisioner.tunnel import OpenSSHTunnel
 
     connect = session.InstanceSession.connect
 
