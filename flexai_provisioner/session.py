@@ -225,7 +225,9 @@ class InstanceSession:
         if not self.settings.workspace or not local_dir:
             return
         max_mb = self.settings.workspace_max_mb
-        workspace = Workspace(Path(local_dir), state_path(kernel_id), max_mb, self.log)
+        workspace = Workspace(
+            Path(local_dir), state_path(kernel_id), max_mb, self.log, self.settings.remote_python
+        )
         workspace.scan()
         self.workspace = workspace
 
