@@ -432,13 +432,13 @@ REATTACH_OWNER = textwrap.dedent(
     import asyncio, json, os, sys
     from jupyter_client.manager import AsyncKernelManager
 
-    async def main():
+    async def main():  # argv: [code to run, [the kernel's folder]]
         km = AsyncKernelManager(kernel_name="flexai-a100")
-        await km.start_kernel()
+        await km.start_kernel(cwd=sys.argv[2] if len(sys.argv) > 2 else None)
         kc = km.client()
         kc.start_channels()
         await kc.wait_for_ready(timeout=60)
-        await kc.execute_interactive("w = 123", timeout=30)
+        await kc.execute_interactive(sys.argv[1], timeout=30)
         info = await km.provisioner.get_provisioner_info()
         info["connection_info"]["key"] = info["connection_info"]["key"].decode()
         print(json.dumps(info), flush=True)
@@ -449,20 +449,31 @@ REATTACH_OWNER = textwrap.dedent(
 )
 
 
-async def test_reattach_from_provisioner_info_runs_in_the_same_kernel(emulator, kernelspecs):
+async def reattach_after_owner_crash(*owner_args: str) -> AsyncKernelManager:
+    """Start a kernel in a process that runs ``owner_args`` (code that prints nothing, [the
+    kernel's folder]) in it and dies; return a manager reattached to that kernel from the
+    provisioner info it printed."""
     owner = subprocess.run(
-        [sys.executable, "-c", REATTACH_OWNER], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", REATTACH_OWNER, *owner_args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert owner.returncode == 0, owner.stderr
     info = json.loads(owner.stdout)
     info["connection_info"]["key"] = info["connection_info"]["key"].encode()
     km = AsyncKernelManager(kernel_name="flexai-a100", kernel_id=info["kernel_id"])
+    km.load_connection_info(info["connection_info"])
+    km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+        info["kernel_id"], km.kernel_spec, parent=km
+    )
+    await km.provisioner.load_provisioner_info(info)
+    return km
+
+
+async def test_reattach_from_provisioner_info_runs_in_the_same_kernel(emulator, kernelspecs):
+    km = await reattach_after_owner_crash("w = 123")
     try:
-        km.load_connection_info(info["connection_info"])
-        km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
-            info["kernel_id"], km.kernel_spec, parent=km
-        )
-        await km.provisioner.load_provisioner_info(info)
         async with connected_client(km) as kc:
             _, out = await run(kc, "print(w)")
         assert out.strip() == "123"

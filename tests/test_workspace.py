@@ -21,7 +21,12 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from test_launch import Frontend, installed_argv  # noqa: F401 - a fixture
 from test_launch import run as run_blocking
-from test_lifecycle import connected_client, run, ssh_connection_processes
+from test_lifecycle import (
+    connected_client,
+    reattach_after_owner_crash,
+    run,
+    ssh_connection_processes,
+)
 
 from flexai_provisioner import progress
 from flexai_provisioner.errors import WorkspaceTooLargeError
@@ -132,7 +137,12 @@ async def test_local_edits_are_kept_across_sync_restart_and_shutdown(
 
             # A restart keeps the workspace; the local edit and a new file go over.
             (project / "added.txt").write_text("new")
+            caplog.clear()
             await km.restart_kernel()
+            # Only what changed here: the new file, the local edit, the file deleted there.
+            copied = [m for m in caplog.messages if m.startswith("copied ")]
+            assert len(copied) == 1, caplog.messages
+            assert copied[0].startswith(f"copied 3 files (0.0 MB) to instance {instance}:")
             await kc.wait_for_ready(timeout=60)
             _, out = await run(
                 kc,
@@ -186,6 +196,26 @@ async def test_results_come_back_over_a_new_link_when_the_old_one_hangs(
     assert (project / "trained.txt").read_text() == "weights"
     assert any("trying a new link" in m for m in caplog.messages)
     assert emulator.live_instances() == []
+
+
+async def test_a_reattached_kernel_brings_its_results_back(emulator, kernelspecs, project):
+    """A server that crashed and reattached (persisted provisioner info) still knows the
+    workspace: the results come back at shutdown, local edits kept."""
+    km = await reattach_after_owner_crash(
+        "_ = [open(name, 'w').write(text) for name, text in "
+        "[('made.txt', '1'), ('notes.txt', 'kernel'), ('data/input.txt', 'changed')]]",
+        str(project),
+    )
+    instance = km.provisioner.instance_id
+    try:
+        (project / "notes.txt").write_text("local")
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert (project / "made.txt").read_text() == "1"
+    # Unchanged here since it was copied (the manifest says so): replaced.
+    assert (project / "data" / "input.txt").read_text() == "changed"
+    assert (project / "notes.txt").read_text() == "local"
+    assert (project / f"notes.flexai-{instance}.txt").read_text() == "kernel"
 
 
 async def test_size_limit_and_flexaiignore(emulator, kernelspecs, project):
