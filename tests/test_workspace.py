@@ -90,6 +90,32 @@ async def test_notebook_reads_relative_paths_and_its_output_comes_back(
     assert not state_path(kernel_id).exists()  # the manifest went with the kernel
 
 
+def test_jupyter_execute_runs_in_the_notebooks_folder(emulator, kernelspecs, project, tmp_path):
+    """``jupyter execute`` started elsewhere: the notebook still reads and writes beside
+    itself."""
+    nb = notebook(
+        "print(open('data/input.txt').read())", "_ = open('summary.txt', 'w').write('done')"
+    )
+    nbformat.write(nb, project / "analysis.ipynb")
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("jupyter")),
+            "execute",
+            "--kernel_name=flexai-a100",
+            "--inplace",
+            str(project / "analysis.ipynb"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "uploading files" in done.stderr
+    assert outputs(nbformat.read(project / "analysis.ipynb", as_version=4))[0] == "forty-two"
+    assert (project / "summary.txt").read_text() == "done"
+
+
 async def sync_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,
