@@ -10,6 +10,10 @@ class FlexAIError(Exception):
     """Base class of every error this package raises."""
 
 
+class FlexAITimeoutError(FlexAIError):
+    """Something did not answer or finish in the time allowed (a timeout of any layer)."""
+
+
 class ConfigurationError(FlexAIError):
     """The provisioner, kernelspec or CLI was given settings that cannot work."""
 
@@ -59,7 +63,7 @@ class ProvisioningError(FlexAIError):
     """The instance did not become usable."""
 
 
-class ProvisioningTimeoutError(ProvisioningError):
+class ProvisioningTimeoutError(ProvisioningError, FlexAITimeoutError):
     """The instance did not reach the running state in time."""
 
 
@@ -77,6 +81,14 @@ class HostKeyMismatchError(SSHError):
 
 class SSHAuthenticationError(SSHError):
     """The instance refused our key."""
+
+
+class SSHTimeoutError(SSHError, FlexAITimeoutError):
+    """The instance's SSH server did not answer in time (handshake, login or a request)."""
+
+
+class SSHChannelRefusedError(SSHError):
+    """The instance refused a channel: nothing listens on a forwarded port (yet)."""
 
 
 class LocalPortError(FlexAIError):

@@ -18,7 +18,7 @@ from importlib import resources
 import paramiko
 
 from .errors import KernelLaunchError
-from .ssh import SSHConnection
+from .ssh import SSHConnection, errors_mapped
 
 UNKNOWN_EXIT = -1  # the kernel died while we were not watching; its status is lost
 
@@ -135,8 +135,9 @@ class RemoteKernel:
         if chan is None:
             chan = conn.exec(_agent_command(python, mode))
         try:
-            chan.sendall(json.dumps(spec).encode() + b"\n")
-            line, rest = _read_line(chan, timeout)
+            with errors_mapped("the kernel agent's channel failed"):
+                chan.sendall(json.dumps(spec).encode() + b"\n")
+                line, rest = _read_line(chan, timeout)
             if line is None:
                 err = _drain_stderr(chan)
                 status = chan.recv_exit_status() if chan.exit_status_ready() else None

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import paramiko
 from jupyter_core.paths import jupyter_runtime_dir
 
 from . import exit_cleanup
@@ -485,7 +484,7 @@ class InstanceSession:
                     self.reconnects += 1
                     self.log.info("reconnected to instance %s", self.instance.id)
                     return
-                except (FlexAIError, OSError, paramiko.SSHException, EOFError) as e:
+                except FlexAIError as e:  # the SSH layer maps all of paramiko's
                     last_error = e
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

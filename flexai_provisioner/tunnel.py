@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import paramiko
 
-from .errors import LocalPortError
-from .ssh import consumed, grant, set_sink
+from .errors import LocalPortError, SSHChannelRefusedError, SSHError
+from .ssh import close_quietly, consumed, grant, open_forward, set_sink
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,7 @@ class Forwarder:
 
     def _after_delivery(self, pipe: _Pipe, credit: int) -> None:
         if credit and not pipe.closed:
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                grant(pipe.chan, credit)
+            grant(pipe.chan, credit)
         self._interest(pipe)
 
     def _flush_to_sock(self, pipe: _Pipe) -> None:
@@ -303,8 +302,7 @@ class Forwarder:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(fileobj)
         pipe.sock.close()
-        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-            pipe.chan.close()  # fails if the transport is already closed: nothing to tell
+        close_quietly(pipe.chan)
 
     def add_listener(self, sock: socket.socket, on_accept: Callable[[int], None]) -> None:
         self._sel.register(sock, selectors.EVENT_READ, on_accept)
@@ -437,20 +435,19 @@ class Tunnel:
         generation: int,
     ) -> None:
         try:
-            chan = transport.open_channel("direct-tcpip", ("127.0.0.1", port), peer, timeout=10)
-        except paramiko.ChannelException as e:
+            chan = open_forward(transport, port, peer, timeout=10)
+        except SSHChannelRefusedError as e:
             log.debug("remote port %s refused a connection (%s): parked", port, e)
             self._fwd.call(lambda: self._park(name, sock, peer, generation))
             return
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            log.debug("cannot open a channel to remote port %s: %s", port, e)
+        except SSHError as e:
+            log.debug("%s", e)
             sock.close()
             return
 
         def attach() -> None:
             if self._generation != generation:  # retargeted, reconnected or closed meanwhile
-                with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                    chan.close()
+                close_quietly(chan)
                 self._connect(name, sock, peer)  # to the current target, or closed if none
                 return
             pipe = _Pipe(sock, chan)

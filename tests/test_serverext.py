@@ -253,6 +253,15 @@ def test_select_errors_say_what_to_do(server, kernelspecs, emulator):
     assert ok(server.get("api/compute/instances")) == {"instances": []}
 
 
+def test_an_instance_whose_ssh_hangs_is_a_gateway_timeout(server, kernelspecs, emulator):
+    """An SSH handshake that times out is a 504 like a provisioning timeout, not a 502."""
+    kernelspecs.add("flexai-l4", {"ssh_connect_timeout": 1.0}, gpu_type="L4")
+    emulator.update_faults(banner_hang=True)
+    message = error(server.post("api/compute/select", json={"gpu_type": "L4"}), 504)
+    assert "did not complete the handshake within 1 s" in message
+    assert emulator.live_instances() == []
+
+
 def test_unknown_ids_are_404(server):
     assert "inst-nope" in error(server.get("api/compute/instance/inst-nope"), 404)
     assert "inst-nope" in error(server.post("api/compute/instance/inst-nope/stop"), 404)

@@ -1,7 +1,9 @@
 """The tunnel on its own: bytes through a real sshd, checked end to end.
 
 The emulator's instances are sshd processes on this host, so a TCP server in this test
-process stands in for a kernel port "on the instance".
+process stands in for a kernel port "on the instance". Every test over a connection runs
+twice: with the channel data handed over through paramiko's internals (the default) and
+with paramiko's public API only (``_paramiko.PUBLIC_API_ONLY``, the tunnel's fallback).
 """
 
 from __future__ import annotations
@@ -10,24 +12,26 @@ import hashlib
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import paramiko
 import pytest
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF
 
+from flexai_provisioner import _paramiko
 from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
-from flexai_provisioner.errors import LocalPortError
-from flexai_provisioner.ssh import SSHConnection, Transport, connect, generate_keypair, set_sink
-from flexai_provisioner.tunnel import Tunnel
+from flexai_provisioner.errors import LocalPortError, SSHTimeoutError
+from flexai_provisioner.ssh import WINDOW_SIZE, SSHConnection, connect, generate_keypair, set_sink
+from flexai_provisioner.tunnel import CHUNK, Tunnel
 
 Handler = Callable[[socket.socket], None]
 
 
-@pytest.fixture
-def link(emulator, api_key) -> Iterator[SSHConnection]:
-    """An SSH connection to a fresh instance, deleted afterwards."""
+@pytest.fixture(params=["internals", "public-api"])
+def link(request, emulator, api_key, monkeypatch) -> Iterator[SSHConnection]:
+    """An SSH connection to a fresh instance, deleted afterwards, on either path."""
+    public = request.param == "public-api"
+    monkeypatch.setattr(_paramiko, "PUBLIC_API_ONLY", public)
     key = generate_keypair()
     with FlexAIClient(emulator.url, api_key) as client:
         instance = client.provision("A100", ssh_public_key=key.public_openssh)
@@ -36,6 +40,12 @@ def link(emulator, api_key) -> Iterator[SSHConnection]:
             assert instance.ssh is not None
             conn = connect(instance.ssh, key, connect_timeout=10)
             try:
+                chan = conn.exec("true")
+                try:  # the path asked for is the path taken
+                    assert set_sink(chan, lambda _data: None) is not public
+                    assert (type(conn.transport) is paramiko.Transport) is public
+                finally:
+                    chan.close()
                 yield conn
             finally:
                 conn.close()
@@ -115,14 +125,30 @@ def test_bulk_output_arrives_whole_and_before_the_end_of_stream(forward):
 
 
 def test_a_slow_reader_holds_the_sender_back_and_loses_nothing(forward):
-    # Far more than the SSH window (8 MiB) plus every socket buffer on the way can hold.
     payload = os.urandom(64 * 1024 * 1024)
-    sent = threading.Event()
-    sock = forward(lambda conn: (conn.sendall(payload), sent.set()))
-    # Not reading: everything beyond the window and the socket buffers must wait remotely.
-    time.sleep(1.0)
-    assert not sent.is_set(), "64 MiB were accepted with nobody reading: no back-pressure"
+    accepted = 0  # bytes the remote side's socket took while nobody read locally
+    stalled, done = threading.Event(), threading.Event()
+
+    def send(conn: socket.socket) -> None:
+        nonlocal accepted
+        view = memoryview(payload)
+        conn.settimeout(3)  # no progress for this long: the sender is held back
+        while accepted < len(payload):
+            try:
+                accepted += conn.send(view[accepted : accepted + CHUNK])
+            except TimeoutError:
+                stalled.set()
+                conn.settimeout(30)
+        done.set()
+
+    sock = forward(send)
+    assert stalled.wait(60), "64 MiB were accepted with nobody reading: no back-pressure"
+    # Held back within one SSH window plus what the socket buffers on the way hold
+    # (both ends of two loopback connections, sshd's own buffer): not the whole payload.
+    held = accepted
+    assert WINDOW_SIZE <= held <= 40 * 1024 * 1024, f"{held} bytes taken before the stall"
     received = recv_all(sock)
+    assert done.is_set() and accepted == len(payload)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
@@ -165,9 +191,10 @@ def test_each_small_message_is_passed_on_at_once(forward):
 
 def test_held_data_reaches_the_sink_before_the_end_of_its_channel():
     """Data is held until the transport has handled its read; an EOF read with it must not
-    overtake it (checked on the handler table itself, no network timing involved)."""
+    overtake it (checked on the handler table itself, no network timing involved; the
+    public-API path holds nothing)."""
     ours, theirs = socket.socketpair()
-    transport = Transport(ours)
+    transport = _paramiko._Transport(ours)
     try:
         chan = paramiko.Channel(7)
         chan._set_transport(transport)
@@ -224,3 +251,21 @@ def test_exact_ports_that_are_taken_are_an_error_and_hold_nothing():
             Tunnel(["a", "b"], {"a": free, "b": taken}, exact=True)
     with socket.create_server(("127.0.0.1", free)):  # the failed tunnel let go of "a"
         pass
+
+
+@pytest.mark.parametrize("public", [False, True], ids=["internals", "public-api"])
+def test_a_hung_handshake_is_a_timeout(emulator, api_key, monkeypatch, public):
+    """An sshd that never sends its banner is reported as a timeout, not a failure."""
+    monkeypatch.setattr(_paramiko, "PUBLIC_API_ONLY", public)
+    key = generate_keypair()
+    emulator.update_faults(banner_hang=True)
+    with FlexAIClient(emulator.url, api_key) as client:
+        instance = client.provision("A100", ssh_public_key=key.public_openssh)
+        try:
+            instance = wait_running(client, instance.id, timeout=30)
+            assert instance.ssh is not None
+            with pytest.raises(SSHTimeoutError, match="did not complete the handshake within 1 s"):
+                connect(instance.ssh, key, connect_timeout=1)
+        finally:
+            client.delete_instance(instance.id)
+            wait_deleted(client, instance.id, timeout=30)

@@ -26,11 +26,11 @@ from ..client import FlexAIClient
 from ..errors import (
     ConfigurationError,
     FlexAIError,
+    FlexAITimeoutError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
     PlatformUnreachableError,
-    ProvisioningTimeoutError,
     StartCancelledError,
     UnknownGPUTypeError,
     WorkspaceError,
@@ -67,7 +67,7 @@ def http_error(error: FlexAIError) -> ComputeError:
         return ComputeError(409, str(error), available=error.available)
     if isinstance(error, (ConfigurationError, PlatformUnreachableError)):
         return ComputeError(503, str(error))
-    if isinstance(error, ProvisioningTimeoutError):
+    if isinstance(error, FlexAITimeoutError):  # the platform or the instance too slow
         return ComputeError(504, str(error))
     return ComputeError(502, str(error))
 
