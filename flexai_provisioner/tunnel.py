@@ -1,10 +1,8 @@
-"""Local port forwards over SSH, all served by one selector thread per process.
+"""Local port forwards over SSH: the fixed local ports of one kernel.
 
 Each kernel gets a :class:`Tunnel`: five listening sockets on 127.0.0.1 whose accepted
-connections are relayed to the kernel's ports on the instance through ``direct-tcpip``
-channels of the instance's one SSH transport. One thread relays every connection of every
-tunnel with large reads and no per-message thread hops; only opening a channel (a round
-trip) happens in a small worker pool so that it never stalls the relay.
+connections are relayed (by :mod:`~flexai_provisioner.relay`'s one thread) to the kernel's
+ports on the instance through ``direct-tcpip`` channels of the instance's one SSH transport.
 
 The local ports stay the same for the kernel's whole life: a restart re-targets them at the
 new kernel's remote ports, a reconnect swaps in the new transport, and ZeroMQ clients just
@@ -13,304 +11,19 @@ reconnect to the same addresses.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import selectors
 import socket
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import paramiko
 
 from .errors import LocalPortError, SSHChannelRefusedError, SSHError
-from .ssh import close_quietly, consumed, grant, open_forward, set_sink
+from .relay import Forwarder, Pipe
+from .ssh import close_quietly, open_forward
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024
-RETRY_INTERVAL = 0.002  # how soon to retry a send into a full SSH channel window
 MAX_PARKED = 4  # refused connections kept per port until the next retarget
-
-
-class _Pipe:
-    """One relayed connection: a local socket and its SSH channel.
-
-    Socket to channel runs on the relay thread. Channel to socket runs in the SSH
-    transport's own thread when the transport supports it (:func:`ssh.set_sink`): a message
-    goes straight from decryption to ``send()``, and only what the socket cannot take at
-    once waits in ``to_sock`` for the relay thread. ``lock`` guards ``to_sock`` and
-    ``closed``, the state both threads touch.
-    """
-
-    def __init__(self, sock: socket.socket, chan: paramiko.Channel):
-        self.sock = sock
-        self.chan = chan
-        self.lock = threading.Lock()
-        self.to_chan = b""  # read from the socket, not yet accepted by the channel window
-        self.to_sock = bytearray()  # from the channel, not yet accepted by the socket buffer
-        self.sock_eof = False
-        self.chan_eof = False
-        self.closed = False
-        self.direct = False  # channel data arrives through the sink, not chan.recv()
-        self.events = (selectors.EVENT_READ, selectors.EVENT_READ)  # (socket's, channel's)
-        self.on_sock: Callable[[int], None] = lambda _events: None
-        self.on_chan: Callable[[int], None] = lambda _events: None
-        self.on_close: Callable[[_Pipe], None] = lambda _pipe: None
-
-
-class Forwarder:
-    """The process-wide relay thread. Use :meth:`instance`."""
-
-    _instance: Forwarder | None = None
-    _instance_lock = threading.Lock()
-
-    @classmethod
-    def instance(cls) -> Forwarder:
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-    def __init__(self) -> None:
-        self._sel = selectors.DefaultSelector()
-        self._calls: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._stalled: set[_Pipe] = set()
-        self._opener = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexai-chan-open")
-        threading.Thread(target=self._run, name="flexai-forwarder", daemon=True).start()
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the relay thread (all selector state is touched only there)."""
-        with self._lock:
-            wake = not self._calls
-            self._calls.append(fn)
-        if wake:
-            os.write(self._wake_w, b"x")
-
-    def open_channel(self, fn: Callable[[], None]) -> None:
-        self._opener.submit(fn)
-
-    def _run(self) -> None:
-        while True:
-            timeout = RETRY_INTERVAL if self._stalled else None
-            for key, events in self._sel.select(timeout):
-                if key.data is None:
-                    self._drain_calls()
-                else:
-                    try:
-                        key.data(events)
-                    except Exception:
-                        log.exception("port forward failed")
-            for pipe in list(self._stalled):
-                self._flush_to_chan(pipe)
-
-    def _drain_calls(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 4096)
-        with self._lock:
-            calls, self._calls = self._calls, []
-        for fn in calls:
-            try:
-                fn()
-            except Exception:
-                log.exception("port forward bookkeeping failed")
-
-    # -- relaying (relay thread only, but for _deliver) ---------------------------------
-
-    def add_pipe(self, pipe: _Pipe, on_close: Callable[[_Pipe], None]) -> None:
-        pipe.sock.setblocking(False)
-        pipe.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pipe.chan.settimeout(0.0)
-        pipe.on_close = on_close
-
-        def on_sock(events: int) -> None:
-            if events & selectors.EVENT_READ:
-                self._sock_readable(pipe)
-            if events & selectors.EVENT_WRITE:
-                self._flush_to_sock(pipe)
-            self._maybe_close(pipe)
-
-        def on_chan(_events: int) -> None:
-            self._chan_readable(pipe)
-            self._maybe_close(pipe)
-
-        pipe.on_sock, pipe.on_chan = on_sock, on_chan
-        self._sel.register(pipe.sock, selectors.EVENT_READ, on_sock)
-        # Readable on data only without a sink; with one, on end of file and close.
-        self._sel.register(pipe.chan.fileno(), selectors.EVENT_READ, on_chan)
-        pipe.direct = set_sink(pipe.chan, lambda data: self._deliver(pipe, data))
-
-    def _interest(self, pipe: _Pipe) -> None:
-        """Read only what there is room to pass on: back-pressure in both directions."""
-        if pipe.closed:
-            return
-        with pipe.lock:
-            backlog = bool(pipe.to_sock)
-        sock_events = 0
-        if not pipe.to_chan and not pipe.sock_eof:
-            sock_events |= selectors.EVENT_READ
-        if backlog:
-            sock_events |= selectors.EVENT_WRITE
-        chan_events = selectors.EVENT_READ if not backlog and not pipe.chan_eof else 0
-        if (sock_events, chan_events) != pipe.events:  # the common case costs nothing
-            pipe.events = (sock_events, chan_events)
-            self._set(pipe.sock, sock_events, pipe.on_sock)
-            self._set(pipe.chan.fileno(), chan_events, pipe.on_chan)
-
-    def _set(self, fileobj: socket.socket | int, events: int, data: Callable[[int], None]) -> None:
-        registered = fileobj in self._sel.get_map()
-        if events and registered:
-            self._sel.modify(fileobj, events, data)
-        elif events:
-            self._sel.register(fileobj, events, data)
-        elif registered:
-            self._sel.unregister(fileobj)
-
-    def _sock_readable(self, pipe: _Pipe) -> None:
-        try:
-            data = pipe.sock.recv(CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            pipe.sock_eof = True
-            with contextlib.suppress(OSError, EOFError):
-                pipe.chan.shutdown_write()
-        else:
-            pipe.to_chan = data
-            self._flush_to_chan(pipe)
-        self._interest(pipe)
-
-    def _flush_to_chan(self, pipe: _Pipe) -> None:
-        while pipe.to_chan:
-            try:
-                sent = pipe.chan.send(pipe.to_chan)
-            except TimeoutError:
-                sent = 0
-            except (OSError, EOFError):
-                pipe.to_chan = b""
-                pipe.sock_eof = pipe.chan_eof = True
-                break
-            if sent == 0:
-                self._stalled.add(pipe)
-                return
-            pipe.to_chan = pipe.to_chan[sent:]
-        if pipe in self._stalled:
-            self._stalled.discard(pipe)
-            self._interest(pipe)
-
-    def _chan_readable(self, pipe: _Pipe) -> None:
-        with pipe.lock:
-            backlog = bool(pipe.to_sock)
-        if backlog:  # the end of file must not overtake it: _interest re-arms the channel
-            self._interest(pipe)
-            return
-        try:
-            data = pipe.chan.recv(CHUNK)  # with a sink, only ever end of file
-        except TimeoutError:
-            return
-        except (OSError, EOFError):
-            data = b""
-        if not data:
-            pipe.chan_eof = True
-            with contextlib.suppress(OSError):
-                pipe.sock.shutdown(socket.SHUT_WR)
-        else:
-            self._deliver(pipe, data, credited=True)
-        self._interest(pipe)
-
-    def _deliver(self, pipe: _Pipe, data: bytes, credited: bool = False) -> None:
-        """Pass channel data on to the socket. Runs in the transport's thread with a sink.
-
-        Never blocks: what the socket does not take now is queued for the relay thread.
-        The window is credited only for bytes the socket took, so a slow reader holds the
-        remote side back instead of growing our queue without bound.
-        """
-        sent, error = 0, False
-        with pipe.lock:
-            if pipe.closed:
-                return
-            if pipe.to_sock:
-                pipe.to_sock += data
-                return
-            try:
-                sent = pipe.sock.send(data)
-            except BlockingIOError:
-                pass
-            except OSError:
-                error = True
-            if sent < len(data) and not error:
-                pipe.to_sock += data[sent:]
-        credit = 0 if credited else consumed(pipe.chan, sent)
-        if error:
-            self.call(lambda: self._broken(pipe))
-        elif sent < len(data) or credit:
-            self.call(lambda: self._after_delivery(pipe, credit))
-
-    def _after_delivery(self, pipe: _Pipe, credit: int) -> None:
-        if credit and not pipe.closed:
-            grant(pipe.chan, credit)
-        self._interest(pipe)
-
-    def _flush_to_sock(self, pipe: _Pipe) -> None:
-        with pipe.lock:
-            if pipe.closed:
-                return
-            try:
-                sent = pipe.sock.send(pipe.to_sock)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = -1
-            if sent > 0:
-                del pipe.to_sock[:sent]
-        if sent < 0:
-            self._broken(pipe)
-            return
-        credit = consumed(pipe.chan, sent) if pipe.direct else 0
-        self._after_delivery(pipe, credit)
-
-    def _broken(self, pipe: _Pipe) -> None:
-        with pipe.lock:
-            pipe.to_sock.clear()
-        pipe.to_chan = b""
-        pipe.sock_eof = pipe.chan_eof = True
-        self._maybe_close(pipe)
-
-    def _maybe_close(self, pipe: _Pipe) -> None:
-        if pipe.closed:
-            return
-        done_in = pipe.sock_eof and not pipe.to_chan
-        done_out = pipe.chan_eof and not pipe.to_sock
-        if (done_in and done_out) or (pipe.chan.closed and not pipe.to_sock):
-            self.close_pipe(pipe)
-            pipe.on_close(pipe)
-
-    def close_pipe(self, pipe: _Pipe) -> None:
-        with pipe.lock:
-            if pipe.closed:
-                return
-            pipe.closed = True
-        self._stalled.discard(pipe)
-        for fileobj in (pipe.sock, pipe.chan.fileno()):
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(fileobj)
-        pipe.sock.close()
-        close_quietly(pipe.chan)
-
-    def add_listener(self, sock: socket.socket, on_accept: Callable[[int], None]) -> None:
-        self._sel.register(sock, selectors.EVENT_READ, on_accept)
-
-    def remove_listener(self, sock: socket.socket) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(sock)
-        sock.close()
 
 
 class Tunnel:
@@ -337,7 +50,7 @@ class Tunnel:
         self._transport: paramiko.Transport | None = None
         self._targets: dict[str, int] = {}
         self._generation = 0  # bumped by every retarget, disconnect and close
-        self._pipes: set[_Pipe] = set()
+        self._pipes: set[Pipe] = set()
         self._parked: list[tuple[str, socket.socket, tuple[str, int]]] = []
         self._listeners: dict[str, socket.socket] = {}
         self.local_ports: dict[str, int] = {}
@@ -450,7 +163,7 @@ class Tunnel:
                 close_quietly(chan)
                 self._connect(name, sock, peer)  # to the current target, or closed if none
                 return
-            pipe = _Pipe(sock, chan)
+            pipe = Pipe(sock, chan)
             self._pipes.add(pipe)
             self._fwd.add_pipe(pipe, self._pipes.discard)
 
