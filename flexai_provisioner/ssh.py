@@ -86,30 +86,27 @@ class _RefusedForwardsAreExpected(logging.Filter):
 logging.getLogger(TRANSPORT_LOG).addFilter(_RefusedForwardsAreExpected())
 
 
-# The one mapping of paramiko's and the socket layer's failures onto errors.py, most
-# specific first (a socket timeout is an OSError, every paramiko failure an SSHException).
+# The one mapping of paramiko's and the socket layer's failures onto errors.py; any other
+# SSHException, OSError or EOFError (paramiko's word for "the connection closed") is an
+# SSHError. A socket timeout is an OSError too: it comes first.
 _FAMILIES: tuple[tuple[type[BaseException], type[SSHError]], ...] = (
     (TimeoutError, SSHTimeoutError),
     (paramiko.BadHostKeyException, HostKeyMismatchError),
     (paramiko.AuthenticationException, SSHAuthenticationError),
     (paramiko.ChannelException, SSHChannelRefusedError),
-    (paramiko.SSHException, SSHError),
-    (EOFError, SSHError),  # paramiko's word for "the connection closed"
-    (OSError, SSHError),
 )
 
 
 @contextlib.contextmanager
 def errors_mapped(what: str, timeout: float | None = None) -> Iterator[None]:
-    """The SSH layer's error boundary: a failure of paramiko or of the socket inside the
-    block leaves as one of the :class:`~flexai_provisioner.errors.SSHError` family, its
-    message starting with ``what`` (what was being done)."""
+    """The SSH layer's error boundary: paramiko's and the socket's failures in the block
+    leave as the ``SSHError`` family, the message starting with ``what`` was being done."""
     try:
         yield
     except FlexAIError:
         raise
     except (paramiko.SSHException, EOFError, OSError) as e:
-        family = next(family for cls, family in _FAMILIES if isinstance(e, cls))
+        family = next((family for cls, family in _FAMILIES if isinstance(e, cls)), SSHError)
         if family is SSHTimeoutError and timeout is not None:
             reason = f"no answer within {timeout:g} s"
         else:
@@ -408,13 +405,12 @@ class SFTPBatch:
 
     def handle(self, ticket: int) -> bytes:
         """The handle :meth:`create` asked for (waits for it: one round trip at most)."""
-        requests = self._requests
-        while ticket not in requests.handles:
-            if ticket not in requests.pending:  # answered with an error
+        while ticket not in self._requests.handles:
+            if ticket not in self._requests.pending:  # answered with an error
                 self.finish()
                 raise OSError("the SFTP server answered an open with neither handle nor error")
-            requests.read_answer()
-        return requests.handles.pop(ticket)
+            self._requests.read_answer()
+        return self._requests.handles.pop(ticket)
 
     def write(self, handle: bytes, offset: int, data: bytes) -> None:
         # One request per channel packet: paramiko keeps 64 bytes of each for its headers,
