@@ -326,7 +326,7 @@ def test_a_server_stopped_by_a_signal_deletes_its_instances(jupyter_server, emul
     assert emulator.live_instances() == [], server.log()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_server_stopped_during_a_start_deletes_the_booting_instance(
     jupyter_server, emulator, signum
 ):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -143,8 +145,15 @@ class FlexAIExtension(ExtensionApp):
 
         self._unsubscribe = progress.subscribe(on_event)
         self._limits_task = asyncio.create_task(self._watch_limits())
-        # SIGINT without a terminal and SIGHUP end the server without shutting its kernels
-        # down; their instances are deleted at exit (SIGTERM shuts kernels down itself).
+        # Without a terminal, jupyter_server leaves SIGINT to Python, whose KeyboardInterrupt
+        # ends the server without shutting its kernels down (and waits for a booting start
+        # first): stop as for SIGTERM instead, as JupyterHub configures it. SIGHUP is left
+        # to exit_cleanup, which deletes the instances on the way out.
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            signal.signal(signal.SIGINT, serverapp._signal_stop)
         exit_cleanup.install_signal_handler()
         self._cancel_starts_on_shutdown(serverapp.kernel_manager)
 
