@@ -323,6 +323,8 @@ def _run_sync(args: argparse.Namespace) -> int:
         print(f"kernel {kernel_id}: {copied} from {source} to {workspace.local_dir}")
         for kept, saved_as in report.conflicts:
             print(f"  {kept} was changed here: kept; the instance's version is in {saved_as}")
+        for rel, why in report.failed:
+            print(f"  {rel} could not be written here: {why}")
     return 0
 
 

@@ -134,6 +134,8 @@ class SyncReport:
     copied: list[str] = field(default_factory=list)
     conflicts: list[tuple[str, str]] = field(default_factory=list)
     """(file kept here, name the instance's version was saved under)"""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(file, why it could not be written here): the others are copied all the same"""
     nbytes: int = 0
 
 
@@ -361,7 +363,7 @@ class Workspace:
                 seconds = time.monotonic() - started
                 self.log.info(
                     "copied %s (%s) to instance %s:%s in %.1f s",
-                    files(len(todo)),
+                    files(len(copied)),
                     megabytes(nbytes),
                     self.label,
                     self.remote_dir,
@@ -387,7 +389,20 @@ class Workspace:
             if todo:
                 with self._session(conn, timeout, "from") as sftp:
                     for rel, there, base in todo:
-                        self._bring_back(sftp, rel, there, base, manifest, report)
+                        try:
+                            self._bring_back(sftp, rel, there, base, manifest, report)
+                        except OSError as e:
+                            if sftp.get_channel().closed:
+                                raise  # the link: nothing more will come
+                            # One file in the way here (a file where its folder would go,
+                            # permissions) must not cost the others.
+                            report.failed.append((rel, str(e)))
+                            self.log.warning(
+                                "could not copy %s back from instance %s: %s",
+                                rel,
+                                self.label,
+                                e,
+                            )
         if report.copied:
             self.log.info(
                 "copied %s (%s) back from instance %s to %s",
@@ -549,7 +564,7 @@ class Workspace:
     def _stamp_of(path: Path) -> Stamp | None:
         try:
             return _local_stamp(os.stat(path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # missing, or a file where a folder was
             return None
 
 

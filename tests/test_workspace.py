@@ -224,6 +224,26 @@ async def test_results_come_back_over_a_new_link_when_the_old_one_hangs(
     assert emulator.live_instances() == []
 
 
+async def test_a_file_that_cannot_be_written_here_does_not_cost_the_others(
+    emulator, kernelspecs, project, caplog
+):
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    await km.start_kernel(cwd=str(project))
+    try:
+        async with connected_client(km) as kc:
+            # On the instance notes.txt becomes a folder; here it is still a file.
+            await run(
+                kc,
+                "import os; os.remove('notes.txt'); os.mkdir('notes.txt')\n"
+                "_ = open('notes.txt/inner.txt', 'w').write('x'), open('other.txt', 'w')",
+            )
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert (project / "notes.txt").read_text() == "v1\n"
+    assert (project / "other.txt").exists()
+    assert any("could not copy notes.txt/inner.txt back" in m for m in caplog.messages)
+
+
 async def test_a_reattached_kernel_brings_its_results_back(emulator, kernelspecs, project):
     """A server that crashed and reattached (persisted provisioner info) still knows the
     workspace: the results come back at shutdown, local edits kept."""

@@ -495,6 +495,7 @@ class FlexAIExtension(ExtensionApp):
             "directory": "" if directory == "." else directory,
             "copied": report.copied,
             "conflicts": [{"path": kept, "saved_as": saved} for kept, saved in report.conflicts],
+            "failed": [{"path": rel, "message": why} for rel, why in report.failed],
             "bytes": report.nbytes,
         }
 
