@@ -161,7 +161,8 @@ class RemoteKernel:
 
     def ping(self) -> None:
         """Ask the agent for an answer; :attr:`last_heard` moves when it (or anything) comes."""
-        self._chan.sendall(b'{"ping": 1}\n')
+        with errors_mapped("cannot ping the kernel agent"):
+            self._chan.sendall(b'{"ping": 1}\n')
 
     def _parse(self) -> None:
         while b"\n" in self._buf:
@@ -179,7 +180,8 @@ class RemoteKernel:
 
     def signal(self, signum: int) -> None:
         """Signal the kernel's process group on the instance."""
-        self._chan.sendall(json.dumps({"signal": int(signum)}).encode() + b"\n")
+        with errors_mapped(f"cannot send signal {signum} to the kernel"):
+            self._chan.sendall(json.dumps({"signal": int(signum)}).encode() + b"\n")
 
     def wait_exit(self, timeout: float) -> int | None:
         """Block until the agent reports the kernel's exit, the channel closes, or ``timeout``.

@@ -468,7 +468,7 @@ class Workspace:
         )
         try:
             status, out = conn.run(command, timeout=timeout)
-        except (SSHError, paramiko.SSHException, OSError, EOFError) as e:
+        except SSHError as e:
             reason = e or type(e).__name__
             raise WorkspaceError(
                 f"cannot list the kernel's folder on the instance: {reason}"
