@@ -43,7 +43,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from .errors import SSHError, WorkspaceError, WorkspaceTooLargeError
 from .platform import SSHEndpoint
-from .ssh import SFTPBatch, SSHConnection, connect, load_private_key
+from .ssh import SFTPBatch, SSHConnection, connect, errors_mapped, load_private_key
 
 IGNORE_FILE = ".flexaiignore"
 # Never worth copying: hidden folders (.git, .venv, .cache), Jupyter's and Python's caches.
@@ -449,11 +449,10 @@ class Workspace:
         where = f"instance {self.label}"
         sftp = conn.open_sftp(timeout)
         try:
-            yield sftp
-        except (OSError, paramiko.SSHException, EOFError) as e:
-            raise WorkspaceError(
-                f"copying the kernel's files {direction} {where} failed: {e or type(e).__name__}"
-            ) from e
+            with errors_mapped(f"copying the kernel's files {direction} {where} failed", timeout):
+                yield sftp
+        except SSHError as e:
+            raise WorkspaceError(str(e)) from e
         finally:
             sftp.close()
 
