@@ -300,10 +300,6 @@ class Ledger:
             raise self._error(e) from None
         return [_entry(row) for row in rows]
 
-    def orphans(self, api_url: str | None = None) -> list[Entry]:
-        """Live rows whose deletion is owed, or whose owning process is gone."""
-        return [e for e in self.live(api_url) if e.delete_owed or e.owner.died()]
-
 
 def _entry(row: tuple[object, ...]) -> Entry:
     (request_key, instance_id, api_url, kernel_id, gpu_type, host, boot, pidns, pid,

@@ -33,6 +33,7 @@ from traitlets.config import Config
 from flexai_provisioner import progress
 from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import LedgerError
+from flexai_provisioner.ledger import Ledger
 
 
 def ledger_path(env: dict[str, str]) -> Path:
@@ -497,3 +498,26 @@ def test_the_server_reports_a_lost_kernel_and_restarts_it(jupyter_server, emulat
     assert model["instance_id"] != old and model["lost_reason"] is None
     assert emulator.live_instances() == [model["instance_id"]]
     assert server.delete(f"api/kernels/{kernel['id']}").status_code == 204
+
+
+def test_a_ledger_from_before_owner_ids_is_upgraded_and_its_rows_kept(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "CREATE TABLE instances (request_key TEXT PRIMARY KEY, instance_id TEXT, api_url TEXT"
+            " NOT NULL, kernel_id TEXT, gpu_type TEXT, owner_host TEXT NOT NULL, owner_pid"
+            " INTEGER NOT NULL, owner_started REAL NOT NULL, created_at REAL NOT NULL,"
+            " deleted_at REAL)"
+        )
+        db.execute(
+            "INSERT INTO instances VALUES ('r1', 'inst-1', 'http://x', 'k1', 'A100', 'h', 1, 2.0,"
+            " 3.0, NULL)"
+        )
+    ledger = Ledger(path)
+    [entry] = ledger.live()
+    assert (entry.instance_id, entry.owner.pid, entry.delete_owed) == ("inst-1", 1, None)
+    assert not entry.owner.died(), "an owner recorded without boot and PID namespace is unknown"
+    ledger.mark_owed("r1", "HTTP 503")
+    assert ledger.live()[0].delete_owed == "HTTP 503"
+    assert len(Path(tmp_path, "owner-id").read_text().strip()) == 32
+    assert Ledger(path).owner_id == ledger.owner_id
