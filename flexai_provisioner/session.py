@@ -736,7 +736,11 @@ class Supervisor:
             for deletion in due:
                 deletion.running = True
         for deletion in due:
-            self.submit(deletion.retry)
+            try:
+                self.submit(deletion.retry)
+            except RuntimeError:  # the interpreter is exiting: exit_cleanup makes the last try
+                deletion.running = False
+                return
 
     def _run(self) -> None:
         while True:
