@@ -2,10 +2,10 @@
 
 Provisioning takes minutes on a real platform, so the provisioner publishes each phase of a
 start here (``requesting``, ``queued``, ``booting``, ``connecting``, ``uploading files``,
-``starting kernel``, ``ready``) and a last ``shut down`` note with the instance's cost. The
-registry keeps a short history per kernel id, so a frontend that asks late still sees the
-whole start, and calls subscribers, which is how the Jupyter server extension turns phases
-into jupyter_events.
+``starting kernel``, ``ready``, or ``failed`` with the error) and a last ``shut down`` note
+with the instance's cost. The registry keeps a short history per kernel id, so a frontend
+that asks late still sees the whole start, and calls subscribers, which is how the Jupyter
+server extension turns phases into jupyter_events.
 
 Phases are published from worker threads as well as from the event loop: subscribers must
 be quick and thread-safe (the server extension hops onto its loop). The registry is
@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 #: Start phases in the order a first start goes through them (``queued`` and ``booting`` only
-#: when the platform reports those states), then the notes that may follow ``ready``: ``lost``
-#: (the instance is gone or unreachable; its message says why), ``limit reached``, ``shut down``.
+#: when the platform reports those states), then ``failed`` (a start that did not reach
+#: ``ready``; its message is the error) and the notes that may follow ``ready``: ``lost`` (the
+#: instance is gone or unreachable; its message says why), ``limit reached``, ``shut down``.
 PHASES = (
     "requesting",
     "queued",
@@ -50,6 +51,7 @@ PHASES = (
     "uploading files",
     "starting kernel",
     "ready",
+    "failed",
     "lost",
     "limit reached",
     "shut down",
@@ -73,6 +75,10 @@ class PhaseEvent:
     cost_usd: float | None = None
     """The instance's estimated total cost (``shut down`` only)."""
     message: str = ""
+    """Why: the error of a ``failed`` start, the limit of ``limit reached``."""
+    path: str | None = None
+    """The notebook whose session starts the kernel (jupyter_server's ``JPY_SESSION_NAME``),
+    so a frontend can tell which notebook a start belongs to before it learns the kernel id."""
 
     def describe(self) -> str:
         """The log line's text after ``FlexAI kernel <id>: ``."""
@@ -116,9 +122,12 @@ class ProgressRegistry:
         instance_id: str | None = None,
         cost_usd: float | None = None,
         message: str = "",
+        path: str | None = None,
     ) -> PhaseEvent:
         """Record a phase and tell every subscriber; a failing subscriber is only logged."""
-        event = PhaseEvent(kernel_id, phase, elapsed, time.time(), instance_id, cost_usd, message)
+        event = PhaseEvent(
+            kernel_id, phase, elapsed, time.time(), instance_id, cost_usd, message, path
+        )
         with self._lock:
             entries = self._histories.pop(kernel_id, None)
             if entries is None:
@@ -182,10 +191,11 @@ def reporter(
     kernel_id: str,
     start: float,
     instance_id: Callable[[], str | None],
+    path: str | None = None,
 ) -> Callable[..., None]:
     """A start's phase callback: publish and log each phase, timed from ``start``
-    (``time.monotonic()``), with the instance id known at that moment and an optional
-    detail (``message``)."""
+    (``time.monotonic()``), with the instance id known at that moment, an optional detail
+    (``message``) and the notebook the start is for (``path``)."""
 
     def report(phase: str, message: str = "") -> None:
         event = registry.publish(
@@ -194,6 +204,7 @@ def reporter(
             time.monotonic() - start,
             instance_id=instance_id(),
             message=message,
+            path=path,
         )
         log_event(log, event)
 

@@ -173,12 +173,13 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _start_phase: Callable[..., None] | None = None  # reports the start in progress
     _cancel_reason: str | None = None
     _restarting = False  # from cleanup(restart=True) until the restart's kernel is launched
+    _notebook: str | None = None  # the path of the session's notebook, for progress events
 
     # -- helpers -------------------------------------------------------------------------
 
     def _phase(self, start: float) -> Callable[..., None]:
         self._start_phase = progress.reporter(
-            self.log, self.kernel_id, start, lambda: self.instance_id
+            self.log, self.kernel_id, start, lambda: self.instance_id, self._notebook
         )
         return self._start_phase
 
@@ -282,14 +283,23 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return await asyncio.to_thread(fn, *args)
 
     async def _abandon_start(self, error: BaseException) -> None:
-        """Delete what a failed or cancelled first start made; say why if it was cancelled."""
-        await self._teardown()
+        """Delete what a failed or cancelled first start made; say why it failed, and if it
+        was cancelled, raise that instead."""
         reason, self._cancel_reason = self._cancel_reason, None
-        if reason is not None and isinstance(error, Exception):
-            raise StartCancelledError(
+        cancelled = reason is not None and isinstance(error, Exception)
+        if cancelled:
+            error = StartCancelledError(
                 f"the start of kernel {self.kernel_id} was cancelled ({reason}); "
                 "its instance is deleted"
-            ) from None
+            )
+        if self._start_phase is not None and isinstance(error, Exception):
+            # The error reaches the frontend that asked for the kernel only as the HTTP error
+            # of its session request; the event names the notebook it was for.
+            self._start_phase("failed", str(error))
+            self._start_phase = None
+        await self._teardown()
+        if cancelled:
+            raise error from None
 
     def cancel_start(self, reason: str) -> bool:
         """Abandon this kernel's first start if it is under way: whatever it made is deleted,
@@ -318,6 +328,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.lost_reason,
             )
             await self._teardown()
+        self._notebook = kwargs["env"].get("JPY_SESSION_NAME") or None
         if self._session is None:
             try:
                 await self._bring_up(kwargs.get("cwd"))

@@ -8,12 +8,16 @@ without it the test is skipped, except in CI (``CI`` set), where it must run.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nbformat
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -36,6 +40,8 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
     )
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+expect.set_options(timeout=UI_TIMEOUT_MS)  # a loaded machine starts even a local kernel slowly
 
 
 def until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
@@ -101,3 +107,175 @@ def test_jupyterlab_runs_a_notebook_on_a_flexai_gpu(jupyter_server, emulator, tm
             expect(page.locator(".jp-StatusBar-TextItem", has_text="No Kernel")).to_be_visible()
         finally:
             browser.close()
+
+
+# -- the flexai-provisioner JupyterLab extension -------------------------------------------------
+
+
+@contextlib.contextmanager
+def lab_page(server, tmp_path: Path, path: str = "", app: str = "lab") -> Iterator[Page]:
+    """Chromium on ``app`` (``lab``, or ``notebooks`` for Notebook 7) showing ``path``."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1280, "height": 800},
+        )
+        try:
+            page = browser.pages[0] if browser.pages else browser.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            where = f"{app}/tree/{path}" if app == "lab" and path else f"{app}/{path}"
+            page.goto(server.base + f"{where}?token={server.token}")
+            yield page
+        finally:
+            browser.close()
+
+
+def lab_server(jupyter_server, tmp_path: Path, app: str = "lab", **env: str):
+    """``jupyter lab`` (or ``notebook``) with settings of its own: no news prompt."""
+    settings = tmp_path / "lab-settings"
+    plugin = settings / "@jupyterlab" / "apputils-extension"
+    plugin.mkdir(parents=True, exist_ok=True)
+    (plugin / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    return jupyter_server(app=app, env={"JUPYTERLAB_SETTINGS_DIR": str(settings), **env})
+
+
+def notebook(server, name: str, kernel: str) -> str:
+    """Write an empty notebook ``name`` whose kernelspec is ``kernel``; its path."""
+    spec = {"name": kernel, "display_name": kernel, "language": "python"}
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("")], metadata={"kernelspec": spec}
+    )
+    nbformat.write(nb, server.root / name)
+    return name
+
+
+def status_item(page: Page):
+    return page.locator(".jp-StatusBar-Widget .jp-FlexAI-status")
+
+
+def open_gpu_dialog(page: Page):
+    page.locator(".jp-FlexAI-gpuButton button[title*='GPU']").first.click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog.locator(".jp-Dialog-header")).to_contain_text("Choose a GPU")
+    return dialog
+
+
+def test_the_gpu_dialog_switches_the_kernel_and_shows_progress_and_cost(
+    jupyter_server, emulator, tmp_path
+):
+    server = lab_server(jupyter_server, tmp_path)
+    path = notebook(server, "gpu.ipynb", "python3")
+    emulator.update_faults(provision_delay=8.0)
+    with lab_page(server, tmp_path, path) as page:
+        expect(page.locator(".jp-StatusBar-TextItem", has_text="Python 3")).to_contain_text("Idle")
+        dialog = open_gpu_dialog(page)
+        a100 = dialog.locator(".jp-FlexAI-gpuRow[data-gpu='A100']")
+        expect(a100).to_contain_text("80 GB")
+        expect(a100).to_contain_text("$1.89/h")
+        expect(a100).not_to_have_class(re.compile("jp-mod-disabled"))
+        # Only A100 has a kernelspec here: the other types are greyed, saying why.
+        h100 = dialog.locator(".jp-FlexAI-gpuRow[data-gpu='H100']")
+        expect(h100).to_have_class(re.compile("jp-mod-disabled"))
+        expect(h100).to_contain_text("not installed")
+        expect(dialog.locator(".jp-FlexAI-total")).to_have_text("Total $1.89/h")
+        shoot(page, "gpu-dialog.png")
+        dialog.locator(".jp-mod-accept").click()
+
+        status = status_item(page)
+        expect(status).to_contain_text("Booting the instance", timeout=20_000)
+        expect(status.locator(".jp-FlexAI-cancel")).to_be_visible()
+        shoot(page, "gpu-booting.png")
+        expect(status).to_contain_text(re.compile(r"A100 · 0:00:\d\d · \$0\.\d+"), timeout=60_000)
+        expect(page.locator(".jp-FlexAI-gpuButton")).to_contain_text("GPU: A100 · $1.89/h")
+        shoot(page, "gpu-running-cost.png")
+        (instance_id,) = emulator.live_instances()
+
+        page.keyboard.press("Control+s")
+        until(
+            lambda: (
+                json.loads((server.root / path).read_text())["metadata"]["kernelspec"]["name"]
+                == "flexai-a100"
+            ),
+            "the notebook's saved kernelspec to be flexai-a100",
+        )
+
+        status.locator(".jp-FlexAI-status-label").click()
+        listing = page.locator(".jp-Dialog .jp-FlexAI-instanceTable")
+        row = listing.locator(f"tr[data-instance='{instance_id}']")
+        expect(row).to_contain_text("gpu.ipynb")
+        expect(row).to_contain_text("running")
+        shoot(page, "gpu-instances.png")
+        row.locator(".jp-FlexAI-stop").click()
+        until(lambda: emulator.live_instances() == [], "the stopped instance's deletion", 60)
+        expect(page.locator(".jp-Dialog .jp-FlexAI-summary")).to_contain_text("No FlexAI instance")
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        toast = page.locator(".Toastify__toast", has_text=f"Instance {instance_id} deleted, ran")
+        expect(toast).to_contain_text(re.compile(r"ran 0:00:\d\d, \$0\.\d+"))
+        expect(toast).to_be_in_viewport(ratio=1)  # slid in
+        shoot(page, "gpu-deleted-notification.png")
+
+
+def test_cancel_deletes_the_booting_instance(jupyter_server, emulator, tmp_path):
+    server = lab_server(jupyter_server, tmp_path)
+    path = notebook(server, "cancel.ipynb", "python3")
+    emulator.update_faults(provision_delay=120.0)
+    with lab_page(server, tmp_path, path) as page:
+        expect(page.locator(".jp-StatusBar-TextItem", has_text="Python 3")).to_contain_text("Idle")
+        open_gpu_dialog(page).locator(".jp-mod-accept").click()
+        status = status_item(page)
+        expect(status).to_contain_text("Booting the instance", timeout=20_000)
+        cancel = status.locator(".jp-FlexAI-cancel")
+        expect(cancel).to_be_enabled()
+        assert len(emulator.live_instances()) == 1
+        cancel.click()
+        until(lambda: emulator.live_instances() == [], "the cancelled instance's deletion", 30)
+        toast = page.locator(".Toastify__toast", has_text="was cancelled: instance")
+        expect(toast).to_contain_text(re.compile(r"deleted, ran 0:00:\d\d, \$0\.\d+"))
+        expect(toast).to_be_in_viewport(ratio=1)
+        expect(page.locator(".jp-Dialog")).to_have_count(0)
+        shoot(page, "gpu-cancelled.png")
+
+
+def test_a_start_without_capacity_explains_itself(jupyter_server, emulator, tmp_path):
+    server = lab_server(jupyter_server, tmp_path)
+    emulator.update_faults(capacity={"A100": 0})
+    path = notebook(server, "full.ipynb", "flexai-a100")
+    with lab_page(server, tmp_path, path) as page:
+        toast = page.locator(".Toastify__toast", has_text="did not start")
+        expect(toast).to_contain_text("Choose another GPU type: ")
+        expect(toast).to_be_in_viewport(ratio=1)
+        # Instead of JupyterLab's one-line error and its kernel selector with the type that
+        # failed preselected, the GPU dialog opens, A100 greyed as none is free.
+        dialog = page.locator(".jp-Dialog")
+        expect(dialog).to_have_count(1)
+        expect(dialog.locator(".jp-Dialog-header")).to_contain_text("Choose a GPU")
+        a100 = dialog.locator(".jp-FlexAI-gpuRow[data-gpu='A100']")
+        expect(a100).to_have_class(re.compile("jp-mod-disabled"))
+        expect(a100).to_contain_text("none")
+        expect(dialog.locator(".jp-mod-accept")).to_be_disabled()
+        shoot(page, "gpu-no-capacity.png")
+        dialog.locator(".jp-mod-reject").click()
+        toast.get_by_role("button", name="Show error").click()
+        dialog = page.locator(".jp-Dialog", has_text="did not start")
+        expect(dialog.locator(".jp-FlexAI-fix")).to_contain_text("Choose another GPU type")
+        expect(dialog.locator(".jp-FlexAI-message")).to_contain_text("GPU types free right now")
+        shoot(page, "gpu-no-capacity-details.png")
+    assert emulator.live_instances() == []
+
+
+def test_the_gpu_dialog_says_what_is_wrong_when_flexai_is_unreachable(
+    jupyter_server, emulator, tmp_path
+):
+    server = lab_server(jupyter_server, tmp_path, FLEXAI_API_KEY="wrong-key")
+    path = notebook(server, "health.ipynb", "python3")
+    with lab_page(server, tmp_path, path) as page:
+        expect(page.locator(".jp-StatusBar-TextItem", has_text="Python 3")).to_contain_text("Idle")
+        dialog = open_gpu_dialog(page)
+        expect(dialog.locator(".jp-FlexAI-problem-title")).to_contain_text("cannot reach FlexAI")
+        expect(dialog.locator(".jp-FlexAI-fix")).to_contain_text("FLEXAI_API_KEY")
+        expect(dialog.locator(".jp-FlexAI-message")).to_contain_text("rejected the API key")
+        shoot(page, "gpu-dialog-unhealthy.png")

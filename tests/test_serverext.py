@@ -277,9 +277,24 @@ def test_jupyter_sessions_api_runs_flexai_kernels(server, emulator):
     (listed,) = ok(server.get("api/compute/instances"))["instances"]
     assert listed["kernel_id"] == session["kernel"]["id"]
     assert emulator.live_instances() == [listed["instance_id"]]
+    # Each phase names the notebook, which a frontend knows before the kernel id.
+    assert {p.get("path") for p in listed["phases"]} == {"gpu.ipynb"}
     assert server.delete(f"api/sessions/{session['id']}").status_code == 204
     assert emulator.live_instances() == []
     assert ok(server.get("api/sessions")) == []
+
+
+def test_a_failed_start_says_why_to_the_notebook_it_was_for(server, emulator):
+    emulator.update_faults(capacity={"A100": 0})
+    model = {"path": "work/gpu.ipynb", "type": "notebook", "kernel": {"name": "flexai-a100"}}
+    refused = server.post("api/sessions", json=model)
+    assert refused.status_code >= 500
+    (kernel,) = ok(server.get("api/compute/progress"))["kernels"]
+    assert phase_names(kernel) == ["requesting", "failed", "shut down"]
+    failed = kernel["phases"][1]
+    assert "A100" in failed["message"] and "GPU types free right now" in failed["message"]
+    assert {p.get("path") for p in kernel["phases"][:2]} == {"work/gpu.ipynb"}
+    assert emulator.live_instances() == []
 
 
 @contextlib.contextmanager

@@ -207,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
             for key, account in self.server.api_keys.items():
                 if hmac.compare_digest(given, key):
                     return account
-        raise ApiError(401, "unauthorized", "missing or wrong bearer token; check FLEXAI_API_KEY")
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
     def _route(self, path: str) -> tuple[Route, dict[str, str]]:
         for method, pattern, route in ROUTES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import threading
 from datetime import datetime, timezone
@@ -82,7 +83,18 @@ def iso(moment: datetime | float) -> str:
     return text.replace("+00:00", "Z")
 
 
-def phase_model(event: progress.PhaseEvent) -> dict[str, Any]:
+def notebook_path(event: progress.PhaseEvent, root: str) -> str | None:
+    """The event's notebook as an API path (relative to the server's root, ``/``-separated);
+    None if it has none or it lies outside the root."""
+    if not event.path:
+        return None
+    relative = os.path.relpath(event.path, root)
+    if relative == os.curdir or relative.split(os.sep, 1)[0] == os.pardir:
+        return None
+    return relative.replace(os.sep, "/")
+
+
+def phase_model(event: progress.PhaseEvent, root: str) -> dict[str, Any]:
     model: dict[str, Any] = {
         "phase": event.phase,
         "elapsed_seconds": round(event.elapsed, 3),
@@ -93,15 +105,18 @@ def phase_model(event: progress.PhaseEvent) -> dict[str, Any]:
         model["cost_usd"] = round(event.cost_usd, 6)
     if event.message:
         model["message"] = event.message
+    path = notebook_path(event, root)
+    if path:
+        model["path"] = path
     return model
 
 
-def progress_model(kernel_id: str) -> dict[str, Any]:
+def progress_model(kernel_id: str, root: str) -> dict[str, Any]:
     phases = progress.history(kernel_id)
     return {
         "kernel_id": kernel_id,
         "phase": phases[-1].phase if phases else None,
-        "phases": [phase_model(e) for e in phases],
+        "phases": [phase_model(e, root) for e in phases],
     }
 
 
@@ -353,7 +368,7 @@ class FlexAIExtension(ExtensionApp):
                 "max_hours": provisioner.max_hours or None,
                 "max_cost": provisioner.max_cost or None,
             },
-            "phases": progress_model(kernel_id)["phases"],
+            "phases": progress_model(kernel_id, self.serverapp.root_dir)["phases"],
         }
         if error:
             model["platform_error"] = error
@@ -409,7 +424,7 @@ class FlexAIExtension(ExtensionApp):
             "gpu_type": kernel.provisioner.gpu_type,
             "session_id": session_id,
             "path": path,
-            "phases": progress_model(kernel_id)["phases"],
+            "phases": progress_model(kernel_id, self.serverapp.root_dir)["phases"],
         }
 
     async def stop(
@@ -567,6 +582,9 @@ class FlexAIExtension(ExtensionApp):
             data["cost_usd"] = round(event.cost_usd, 6)
         if event.message:
             data["message"] = event.message
+        path = notebook_path(event, self.serverapp.root_dir)
+        if path:
+            data["path"] = path
         try:
             self.serverapp.event_logger.emit(schema_id=SCHEMA_ID, data=data)
         except Exception:

@@ -124,11 +124,13 @@ class ProgressHandler(ComputeHandler):
     @authorized
     async def get(self, kernel_id: str | None = None) -> None:
         if kernel_id is None:
-            self.reply({"kernels": [progress_model(k) for k in progress.registry.kernel_ids()]})
+            root = self.compute.serverapp.root_dir
+            kernels = progress.registry.kernel_ids()
+            self.reply({"kernels": [progress_model(k, root) for k in kernels]})
             return
         if not progress.history(kernel_id):
             raise ComputeError(404, f"no FlexAI kernel {kernel_id} has started on this server")
-        self.reply(progress_model(kernel_id))
+        self.reply(progress_model(kernel_id, self.compute.serverapp.root_dir))
 
 
 class HealthHandler(ComputeHandler):

@@ -1,0 +1,227 @@
+/**
+ * What this page knows about the server's FlexAI kernels: the starts under way (from the
+ * progress events, or polling `/api/compute/progress` when no event arrives), and the
+ * running instances (re-synced from `/api/compute/instances`).
+ */
+import type { Event } from '@jupyterlab/services';
+import type { IDisposable } from '@lumino/disposable';
+import { ISignal, Signal } from '@lumino/signaling';
+
+import {
+  compute,
+  type IGPUType,
+  type IInstance,
+  type IProgress,
+  type IStopped,
+  SCHEMA_ID
+} from './api';
+import { type IPhase, type IStartState, reducePhases } from './format';
+
+/** Seconds between re-syncs of the instances while any is known, and otherwise. */
+const SYNC_BUSY = 10;
+const SYNC_IDLE = 30;
+/** Seconds without an event after which an active start is polled. */
+const POLL_AFTER = 3;
+
+/** A start, as of the latest of its events this page has seen. */
+export interface IStart extends IStartState {
+  kernelId: string;
+  /** When the latest event arrived (ms since the epoch): elapsed time runs on from it. */
+  receivedAt: number;
+}
+
+/** A running instance, as of its latest sync. */
+export interface ISynced {
+  model: IInstance;
+  syncedAt: number;
+}
+
+/** One event of a kernel, for those who react to it (notifications). */
+export interface IPhaseEmission {
+  event: IPhase;
+  /** The kernel's start as of this event (its notebook, a failure's error). */
+  start: IStart;
+  /** Whether this page asked for the start to be cancelled. */
+  cancelled: boolean;
+}
+
+export class ComputeState implements IDisposable {
+  constructor(events: Event.IManager | null) {
+    events?.stream.connect(this._onEvent, this);
+    this._events = events;
+    this._timer = window.setInterval(() => void this._tick(), 1000);
+    void this.sync();
+    void this._poll(false); // starts under way before this page opened
+
+  }
+
+  /** Something changed: a phase, an instance, or one more second of uptime. */
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  /** Each new progress event, once. */
+  get phase(): ISignal<this, IPhaseEmission> {
+    return this._phase;
+  }
+
+  get isDisposed(): boolean {
+    return this._disposed;
+  }
+
+  dispose(): void {
+    if (this._disposed) {
+      return;
+    }
+    this._disposed = true;
+    window.clearInterval(this._timer);
+    this._events?.stream.disconnect(this._onEvent, this);
+    Signal.clearData(this);
+  }
+
+  /** The latest start for the notebook at `path` this page has seen. */
+  startFor(path: string): IStart | null {
+    let latest: IStart | null = null;
+    for (const start of this._starts.values()) {
+      if (start.path === path && (!latest || start.receivedAt >= latest.receivedAt)) {
+        latest = start;
+      }
+    }
+    return latest;
+  }
+
+  /** The instance a kernel runs on, if the last sync listed it. */
+  instance(kernelId: string | undefined): ISynced | null {
+    return (kernelId && this._instances.get(kernelId)) || null;
+  }
+
+  /** Every start this page has seen, latest phase each. */
+  get starts(): IStart[] {
+    return [...this._starts.values()];
+  }
+
+  /** Every instance of this server's FlexAI kernels, as of the last sync. */
+  get instances(): ISynced[] {
+    return [...this._instances.values()];
+  }
+
+  /** The GPU types the platform offers (asked anew each time: availability changes). */
+  async gpuTypes(): Promise<IGPUType[]> {
+    return (await compute<{ gpu_types: IGPUType[] }>('available')).gpu_types;
+  }
+
+  /** Re-read the instances from the server. */
+  async sync(): Promise<void> {
+    if (this._syncing) {
+      return this._syncing;
+    }
+    this._syncing = (async () => {
+      try {
+        const { instances } = await compute<{ instances: IInstance[] }>('instances');
+        const now = Date.now();
+        this._instances = new Map(
+          instances.map(model => [model.kernel_id, { model, syncedAt: now }])
+        );
+        this._lastSync = now;
+        this._changed.emit();
+      } catch (error) {
+        console.warn('FlexAI: cannot list the instances:', error);
+      } finally {
+        this._syncing = null;
+      }
+    })();
+    return this._syncing;
+  }
+
+  /** Stop an instance (cancelling its start if it still boots); its final cost. */
+  async stop(instanceId: string, kernelId?: string): Promise<IStopped> {
+    if (kernelId) {
+      this._cancelled.add(kernelId);
+    }
+    try {
+      return await compute<IStopped>(`instance/${encodeURIComponent(instanceId)}/stop`, {
+        method: 'POST'
+      });
+    } finally {
+      void this.sync();
+    }
+  }
+
+  private _onEvent(_: Event.IManager, emission: Event.Emission): void {
+    if (emission.schema_id !== SCHEMA_ID) {
+      return;
+    }
+    const { kernel_id: kernelId, ...event } = emission as unknown as IPhase & {
+      kernel_id: string;
+    };
+    this._record(kernelId, [...(this._history.get(kernelId) ?? []), event]);
+  }
+
+  /** Take a kernel's history (from an event or a poll); announce the events not seen yet. */
+  private _record(kernelId: string, history: IPhase[], announce = true): void {
+    const seen = this._history.get(kernelId)?.length ?? 0;
+    if (history.length <= seen) {
+      return;
+    }
+    this._history.set(kernelId, history);
+    const state = reducePhases(history);
+    if (!state) {
+      return;
+    }
+    const start = { ...state, kernelId, receivedAt: Date.now() };
+    this._starts.set(kernelId, start);
+    const cancelled = this._cancelled.has(kernelId);
+    for (const event of announce ? history.slice(seen) : []) {
+      this._phase.emit({ event, start, cancelled });
+    }
+    if (!state.active) {
+      void this.sync(); // a kernel is now ready, or gone
+    }
+    if (state.phase === 'ready' || state.phase === 'shut down') {
+      this._cancelled.delete(kernelId);
+    }
+    this._changed.emit();
+  }
+
+  private async _tick(): Promise<void> {
+    if (document.hidden) {
+      return;
+    }
+    const now = Date.now();
+    const active = [...this._starts.values()].filter(s => s.active);
+    const quiet = (since: number) => now - since > POLL_AFTER * 1000;
+    if (active.some(s => quiet(s.receivedAt)) && quiet(this._lastPoll)) {
+      await this._poll();
+    }
+    const every = this._instances.size || active.length ? SYNC_BUSY : SYNC_IDLE;
+    if (now - this._lastSync > every * 1000) {
+      await this.sync();
+    }
+    this._changed.emit(); // elapsed time and uptime run on
+  }
+
+  private async _poll(announce = true): Promise<void> {
+    this._lastPoll = Date.now();
+    try {
+      const { kernels } = await compute<{ kernels: IProgress[] }>('progress');
+      for (const kernel of kernels) {
+        this._record(kernel.kernel_id, kernel.phases, announce);
+      }
+    } catch (error) {
+      console.warn('FlexAI: cannot poll the progress of starts:', error);
+    }
+  }
+
+  private _disposed = false;
+  private _events: Event.IManager | null;
+  private _timer: number;
+  private _history = new Map<string, IPhase[]>();
+  private _starts = new Map<string, IStart>();
+  private _instances = new Map<string, ISynced>();
+  private _cancelled = new Set<string>();
+  private _lastSync = 0;
+  private _lastPoll = 0;
+  private _syncing: Promise<void> | null = null;
+  private _changed = new Signal<this, void>(this);
+  private _phase = new Signal<this, IPhaseEmission>(this);
+}
