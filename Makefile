@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo lint test bench clean distclean demo-deps test-deps
 
-# Each task's system packages (see scripts/system-deps for the names).
-VENV_NEEDS := python3
+# Each task's system packages (see scripts/system-deps for the names); every install of the
+# package builds its JupyterLab extension, hence node.
+VENV_NEEDS := python3 node
 DEMO_NEEDS := sshd
 TEST_NEEDS := sshd chromium
 
@@ -50,9 +51,10 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf .demo .pytest_cache .ruff_cache build dist test-artifacts
+	rm -rf .demo .pytest_cache .ruff_cache build dist test-artifacts \
+		lib build-test tsconfig.tsbuildinfo flexai_provisioner/labextension
 	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
 		\( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) node_modules .yarn

@@ -82,7 +82,8 @@ class NotebookGPU implements DocumentRegistry.IWidgetExtension<NotebookPanel, IN
       const status = new ComputeStatus(
         this._state,
         () => panel,
-        () => void this._app.commands.execute(COMMANDS.instances)
+        () => void this._app.commands.execute(COMMANDS.instances),
+        false
       );
       status.addClass('jp-FlexAI-status-toolbar');
       panel.toolbar.insertItem(11, 'flexaiStatus', status);

@@ -30,7 +30,12 @@ export interface IView {
 }
 
 /** The notebook's GPU: its start under way, else the instance its kernel runs on. */
-export function describe(panel: NotebookPanel | null, state: ComputeState, now: number): IView {
+export function describe(
+  panel: NotebookPanel | null,
+  state: ComputeState,
+  now: number,
+  withGPU = true
+): IView {
   const none: IView = { text: '', title: '', mode: 'none', warning: false, reconnecting: false };
   if (!panel) {
     return none;
@@ -41,10 +46,11 @@ export function describe(panel: NotebookPanel | null, state: ComputeState, now: 
     const spec = findSpec(context.specsManager.specs, undefined, context.kernelDisplayName);
     const elapsed = Math.round(start.elapsed + (now - start.receivedAt) / 1000);
     const gpu = spec ? `${spec.gpuCount > 1 ? `${spec.gpuCount}× ` : ''}${spec.gpuType}` : 'GPU';
+    const phase = `${phaseLabel(start.phase)}… ${elapsed} s`;
     return {
       ...none,
       mode: 'booting',
-      text: `${gpu} · ${phaseLabel(start.phase)}… ${elapsed} s`,
+      text: withGPU ? `${gpu} · ${phase}` : phase,
       title:
         `The FlexAI kernel of ${context.path} is starting: ${phaseLabel(start.phase)} ` +
         `(${elapsed} s so far)` +
@@ -60,7 +66,7 @@ export function describe(panel: NotebookPanel | null, state: ComputeState, now: 
   const uptime = (model.uptime_seconds ?? 0) + (now - synced.syncedAt) / 1000;
   const cost = model.price_per_hour === null ? null : costOf(model.price_per_hour, uptime);
   const gpu = `${model.gpu_count > 1 ? `${model.gpu_count}× ` : ''}${model.gpu_type}`;
-  const parts = [gpu, formatDuration(uptime)];
+  const parts = withGPU ? [gpu, formatDuration(uptime)] : [formatDuration(uptime)];
   if (cost !== null) {
     parts.push(formatCost(cost));
   }
@@ -88,12 +94,14 @@ export function describe(panel: NotebookPanel | null, state: ComputeState, now: 
   };
 }
 
-/** The item itself, for whichever notebook `panel()` gives. */
+/** The item itself, for whichever notebook `panel()` gives; beside the GPU button it leaves
+ * the GPU type out (`withGPU` false). */
 export class ComputeStatus extends Widget {
   constructor(
     private _state: ComputeState,
     private _panel: () => NotebookPanel | null,
-    private _openInstances: () => void
+    private _openInstances: () => void,
+    private _withGPU = true
   ) {
     super();
     this.addClass('jp-FlexAI-status');
@@ -112,7 +120,7 @@ export class ComputeStatus extends Widget {
 
   /** Show the current notebook's state now (also called when the notebook changes). */
   update(): void {
-    const view = describe(this._panel(), this._state, Date.now());
+    const view = describe(this._panel(), this._state, Date.now(), this._withGPU);
     this._view = view;
     this.node.dataset.mode = view.mode;
     this.node.classList.toggle('jp-mod-warning', view.warning);

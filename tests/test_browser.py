@@ -279,3 +279,26 @@ def test_the_gpu_dialog_says_what_is_wrong_when_flexai_is_unreachable(
         expect(dialog.locator(".jp-FlexAI-fix")).to_contain_text("FLEXAI_API_KEY")
         expect(dialog.locator(".jp-FlexAI-message")).to_contain_text("rejected the API key")
         shoot(page, "gpu-dialog-unhealthy.png")
+
+
+def test_notebook_7_shows_the_gpu_button_and_the_cost_in_its_toolbar(
+    jupyter_server, emulator, tmp_path
+):
+    server = lab_server(jupyter_server, tmp_path, app="notebook")
+    path = notebook(server, "nb7.ipynb", "python3")
+    emulator.update_faults(provision_delay=4.0)
+    with lab_page(server, tmp_path, path, app="notebooks") as page:
+        dialog = open_gpu_dialog(page)
+        expect(dialog.locator(".jp-FlexAI-gpuRow[data-gpu='A100']")).to_contain_text("$1.89/h")
+        dialog.locator(".jp-mod-accept").click()
+        # Notebook 7 has no status bar: the item is in the notebook's toolbar.
+        status = page.locator(".jp-Toolbar .jp-FlexAI-status")
+        expect(status).to_contain_text("Booting the instance", timeout=20_000)
+        expect(status).to_have_text(re.compile(r"^0:00:\d\d · \$0\.\d+"))
+        expect(page.locator(".jp-FlexAI-gpuButton")).to_have_text("GPU: A100 · $1.89/h")
+        shoot(page, "notebook7-running-cost.png")
+        (instance_id,) = emulator.live_instances()
+        status.locator(".jp-FlexAI-status-label").click()
+        row = page.locator(f".jp-Dialog .jp-FlexAI-instanceTable tr[data-instance='{instance_id}']")
+        row.locator(".jp-FlexAI-stop").click()
+        until(lambda: emulator.live_instances() == [], "the stopped instance's deletion", 60)
