@@ -75,7 +75,8 @@ class PhaseEvent:
     cost_usd: float | None = None
     """The instance's estimated total cost (``shut down`` only)."""
     message: str = ""
-    """Why: the error of a ``failed`` start, the limit of ``limit reached``."""
+    """The error of a ``failed`` start, the limit of ``limit reached``, how much
+    ``uploading files`` copies."""
     path: str | None = None
     """The notebook whose session starts the kernel (jupyter_server's ``JPY_SESSION_NAME``),
     so a frontend can tell which notebook a start belongs to before it learns the kernel id."""

@@ -21,6 +21,7 @@ export const START_PHASES = [
   'queued',
   'booting',
   'connecting',
+  'uploading files',
   'starting kernel'
 ];
 
@@ -29,6 +30,7 @@ const PHASE_LABELS: Record<string, string> = {
   queued: 'Queued for capacity',
   booting: 'Booting the instance',
   connecting: 'Connecting',
+  'uploading files': 'Uploading files',
   'starting kernel': 'Starting the kernel',
   ready: 'Ready',
   failed: 'Start failed',

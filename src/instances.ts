@@ -7,7 +7,7 @@ import { Dialog, Notification, showDialog } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import { costOf, formatCost, formatDuration, formatPrice, phaseLabel } from './format';
-import type { ComputeState } from './state';
+import { type ComputeState, elapsedOf, uptimeOf } from './state';
 
 /** Open the instances dialog; it follows the state while open. */
 export async function showInstances(state: ComputeState): Promise<void> {
@@ -41,15 +41,16 @@ class InstancesBody extends Widget {
     let total = 0;
     let hourly = 0;
     for (const start of this._state.starts.filter(s => s.active)) {
-      const elapsed = Math.round(start.elapsed + (now - start.receivedAt) / 1000);
+      const elapsed = elapsedOf(start, now);
       rows.push({
         cells: ['…', start.path ?? start.kernelId, `${phaseLabel(start.phase)} (${elapsed} s)`, '', ''],
         instanceId: start.instanceId,
         kernelId: start.kernelId
       });
     }
-    for (const { model, syncedAt } of this._state.instances) {
-      const uptime = (model.uptime_seconds ?? 0) + (now - syncedAt) / 1000;
+    for (const synced of this._state.instances) {
+      const { model } = synced;
+      const uptime = uptimeOf(synced, now);
       const price = model.price_per_hour;
       const cost = price === null ? null : costOf(price, uptime);
       total += cost ?? 0;

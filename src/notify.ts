@@ -6,15 +6,16 @@
 import { Dialog, Notification, showDialog } from '@jupyterlab/apputils';
 import { failureOf, formatCost, formatDuration, limitWarning } from './format';
 import { problemWidget } from './problem';
-import type { ComputeState, IPhaseEmission } from './state';
+import { type ComputeState, type IPhaseEmission, uptimeOf } from './state';
 
 /** Notify about `state`'s kernels; `chooseGPU(path)` opens the GPU dialog of a notebook. */
 export function notifyAbout(state: ComputeState, chooseGPU: (path: string) => boolean): void {
   const warned = new Set<string>();
   state.phase.connect((_, emission) => onPhase(emission, chooseGPU));
   state.changed.connect(() => {
-    for (const { model } of state.instances) {
-      const warning = limitWarning(model);
+    for (const synced of state.instances) {
+      const { model } = synced;
+      const warning = limitWarning(model, uptimeOf(synced, Date.now()));
       if (warning && !warned.has(model.kernel_id)) {
         warned.add(model.kernel_id);
         Notification.warning(warning.text, { autoClose: false });

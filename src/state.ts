@@ -36,6 +36,16 @@ export interface ISynced {
   syncedAt: number;
 }
 
+/** Seconds a start has taken so far, counted on from its latest event. */
+export function elapsedOf(start: IStart, now: number): number {
+  return Math.round(start.elapsed + (now - start.receivedAt) / 1000);
+}
+
+/** Seconds an instance has run so far, counted on from its latest sync. */
+export function uptimeOf({ model, syncedAt }: ISynced, now: number): number {
+  return (model.uptime_seconds ?? 0) + (now - syncedAt) / 1000;
+}
+
 /** One event of a kernel, for those who react to it (notifications). */
 export interface IPhaseEmission {
   event: IPhase;

@@ -16,7 +16,7 @@ import {
   phaseLabel
 } from './format';
 import { findSpec } from './kernels';
-import type { ComputeState, IStart } from './state';
+import { type ComputeState, elapsedOf, type IStart, uptimeOf } from './state';
 
 /** What the item shows for a notebook. */
 export interface IView {
@@ -44,7 +44,7 @@ export function describe(
   const start = state.startFor(context.path);
   if (start?.active) {
     const spec = findSpec(context.specsManager.specs, undefined, context.kernelDisplayName);
-    const elapsed = Math.round(start.elapsed + (now - start.receivedAt) / 1000);
+    const elapsed = elapsedOf(start, now);
     const gpu = spec ? `${spec.gpuCount > 1 ? `${spec.gpuCount}× ` : ''}${spec.gpuType}` : 'GPU';
     const phase = `${phaseLabel(start.phase)}… ${elapsed} s`;
     return {
@@ -63,7 +63,7 @@ export function describe(
     return none;
   }
   const { model } = synced;
-  const uptime = (model.uptime_seconds ?? 0) + (now - synced.syncedAt) / 1000;
+  const uptime = uptimeOf(synced, now);
   const cost = model.price_per_hour === null ? null : costOf(model.price_per_hour, uptime);
   const gpu = `${model.gpu_count > 1 ? `${model.gpu_count}× ` : ''}${model.gpu_type}`;
   const parts = withGPU ? [gpu, formatDuration(uptime)] : [formatDuration(uptime)];

@@ -1,7 +1,10 @@
 """JupyterLab in a real headless Chromium, against a real ``jupyter lab`` and the emulator.
 
 A person's path: the launcher offers "FlexAI A100", a notebook on it runs ``print(1+1)``,
-and shutting the kernel down from the Kernel menu deletes the instance. Chromium is
+and shutting the kernel down from the Kernel menu deletes the instance. Then the extension's:
+the GPU dialog with prices switching a notebook's kernel, the boot's phase, the running cost,
+the instances dialog's Stop, Cancel during the boot, a start without capacity, an unreachable
+platform, and Notebook 7. Screenshots go to ``test-artifacts/``. Chromium is
 Debian's (``apt-get install chromium``), driven by Playwright with its executable path set;
 without it the test is skipped, except in CI (``CI`` set), where it must run.
 """
@@ -65,53 +68,6 @@ def shoot(page: Page, name: str) -> None:
     print(f"\nscreenshot: {path}")
 
 
-def test_jupyterlab_runs_a_notebook_on_a_flexai_gpu(jupyter_server, emulator, tmp_path):
-    server = jupyter_server(app="lab")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            headless=True,
-            viewport={"width": 1280, "height": 800},
-        )
-        try:
-            page = browser.pages[0] if browser.pages else browser.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(server.base + f"lab?token={server.token}")
-
-            card = page.locator('.jp-LauncherCard[data-category="Notebook"][title="FlexAI A100"]')
-            expect(card).to_be_visible()
-            shoot(page, "jupyterlab-launcher.png")
-            card.click()
-
-            # The kernel runs once the status bar says so; until then the instance provisions.
-            status = page.locator(".jp-StatusBar-TextItem", has_text="FlexAI A100")
-            expect(status).to_contain_text("Idle")
-            assert len(emulator.live_instances()) == 1
-
-            editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
-            editor.click()
-            page.keyboard.type("print(1+1)")
-            page.keyboard.press("Shift+Enter")
-            output = page.locator(".jp-Notebook .jp-OutputArea-output").first
-            expect(output).to_have_text("2")
-            shoot(page, "jupyterlab-notebook-on-flexai-a100.png")
-
-            menu(page, "Kernel", "Shut Down Kernel")
-            confirm = page.locator(".jp-Dialog .jp-mod-accept")
-            if confirm.count():
-                confirm.click()
-            until(lambda: emulator.live_instances() == [], "the instance's deletion", 60)
-            expect(page.locator(".jp-StatusBar-TextItem", has_text="No Kernel")).to_be_visible()
-        finally:
-            browser.close()
-
-
-# -- the flexai-provisioner JupyterLab extension -------------------------------------------------
-
-
 @contextlib.contextmanager
 def lab_page(server, tmp_path: Path, path: str = "", app: str = "lab") -> Iterator[Page]:
     """Chromium on ``app`` (``lab``, or ``notebooks`` for Notebook 7) showing ``path``."""
@@ -134,13 +90,46 @@ def lab_page(server, tmp_path: Path, path: str = "", app: str = "lab") -> Iterat
             browser.close()
 
 
-def lab_server(jupyter_server, tmp_path: Path, app: str = "lab", **env: str):
-    """``jupyter lab`` (or ``notebook``) with settings of its own: no news prompt."""
+def test_jupyterlab_runs_a_notebook_on_a_flexai_gpu(jupyter_server, emulator, tmp_path):
+    server = jupyter_server(app="lab")
+    with lab_page(server, tmp_path) as page:
+        card = page.locator('.jp-LauncherCard[data-category="Notebook"][title="FlexAI A100"]')
+        expect(card).to_be_visible()
+        shoot(page, "jupyterlab-launcher.png")
+        card.click()
+
+        # The kernel runs once the status bar says so; until then the instance provisions.
+        status = page.locator(".jp-StatusBar-TextItem", has_text="FlexAI A100")
+        expect(status).to_contain_text("Idle")
+        assert len(emulator.live_instances()) == 1
+
+        editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+        editor.click()
+        page.keyboard.type("print(1+1)")
+        page.keyboard.press("Shift+Enter")
+        output = page.locator(".jp-Notebook .jp-OutputArea-output").first
+        expect(output).to_have_text("2")
+        shoot(page, "jupyterlab-notebook-on-flexai-a100.png")
+
+        menu(page, "Kernel", "Shut Down Kernel")
+        confirm = page.locator(".jp-Dialog .jp-mod-accept")
+        if confirm.count():
+            confirm.click()
+        until(lambda: emulator.live_instances() == [], "the instance's deletion", 60)
+        expect(page.locator(".jp-StatusBar-TextItem", has_text="No Kernel")).to_be_visible()
+
+
+# -- the flexai-provisioner JupyterLab extension -------------------------------------------------
+
+
+def lab_server(jupyter_server, tmp_path: Path, *args: str, app: str = "lab", **env: str):
+    """``jupyter lab`` (or ``notebook``) with ``args``, and settings of its own: no news
+    prompt."""
     settings = tmp_path / "lab-settings"
     plugin = settings / "@jupyterlab" / "apputils-extension"
     plugin.mkdir(parents=True, exist_ok=True)
     (plugin / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
-    return jupyter_server(app=app, env={"JUPYTERLAB_SETTINGS_DIR": str(settings), **env})
+    return jupyter_server(*args, app=app, env={"JUPYTERLAB_SETTINGS_DIR": str(settings), **env})
 
 
 def notebook(server, name: str, kernel: str) -> str:
@@ -189,7 +178,7 @@ def test_the_gpu_dialog_switches_the_kernel_and_shows_progress_and_cost(
         expect(status).to_contain_text("Booting the instance", timeout=20_000)
         expect(status.locator(".jp-FlexAI-cancel")).to_be_visible()
         shoot(page, "gpu-booting.png")
-        expect(status).to_contain_text(re.compile(r"A100 · 0:00:\d\d · \$0\.\d+"), timeout=60_000)
+        expect(status).to_contain_text(re.compile(r"A100 · \d+:\d\d:\d\d · \$0\.\d+"), timeout=60_000)
         expect(page.locator(".jp-FlexAI-gpuButton")).to_contain_text("GPU: A100 · $1.89/h")
         shoot(page, "gpu-running-cost.png")
         (instance_id,) = emulator.live_instances()
@@ -210,13 +199,12 @@ def test_the_gpu_dialog_switches_the_kernel_and_shows_progress_and_cost(
         expect(row).to_contain_text("running")
         shoot(page, "gpu-instances.png")
         row.locator(".jp-FlexAI-stop").click()
-        until(lambda: emulator.live_instances() == [], "the stopped instance's deletion", 60)
-        expect(page.locator(".jp-Dialog .jp-FlexAI-summary")).to_contain_text("No FlexAI instance")
-        page.locator(".jp-Dialog .jp-mod-accept").click()
         toast = page.locator(".Toastify__toast", has_text=f"Instance {instance_id} deleted, ran")
-        expect(toast).to_contain_text(re.compile(r"ran 0:00:\d\d, \$0\.\d+"))
-        expect(toast).to_be_in_viewport(ratio=1)  # slid in
+        expect(toast).to_contain_text(re.compile(r"ran \d+:\d\d:\d\d, \$0\.\d+"))
+        expect(toast).to_be_in_viewport(ratio=1)  # slid in (it goes after 10 s)
+        expect(page.locator(".jp-Dialog .jp-FlexAI-summary")).to_contain_text("No FlexAI instance")
         shoot(page, "gpu-deleted-notification.png")
+        assert emulator.live_instances() == []
 
 
 def test_cancel_deletes_the_booting_instance(jupyter_server, emulator, tmp_path):
@@ -234,7 +222,7 @@ def test_cancel_deletes_the_booting_instance(jupyter_server, emulator, tmp_path)
         cancel.click()
         until(lambda: emulator.live_instances() == [], "the cancelled instance's deletion", 30)
         toast = page.locator(".Toastify__toast", has_text="was cancelled: instance")
-        expect(toast).to_contain_text(re.compile(r"deleted, ran 0:00:\d\d, \$0\.\d+"))
+        expect(toast).to_contain_text(re.compile(r"deleted, ran \d+:\d\d:\d\d, \$0\.\d+"))
         expect(toast).to_be_in_viewport(ratio=1)
         expect(page.locator(".jp-Dialog")).to_have_count(0)
         shoot(page, "gpu-cancelled.png")
@@ -294,7 +282,7 @@ def test_notebook_7_shows_the_gpu_button_and_the_cost_in_its_toolbar(
         # Notebook 7 has no status bar: the item is in the notebook's toolbar.
         status = page.locator(".jp-Toolbar .jp-FlexAI-status")
         expect(status).to_contain_text("Booting the instance", timeout=20_000)
-        expect(status).to_have_text(re.compile(r"^0:00:\d\d · \$0\.\d+"))
+        expect(status).to_have_text(re.compile(r"^\d+:\d\d:\d\d · \$0\.\d+"))
         expect(page.locator(".jp-FlexAI-gpuButton")).to_have_text("GPU: A100 · $1.89/h")
         shoot(page, "notebook7-running-cost.png")
         (instance_id,) = emulator.live_instances()
@@ -302,3 +290,22 @@ def test_notebook_7_shows_the_gpu_button_and_the_cost_in_its_toolbar(
         row = page.locator(f".jp-Dialog .jp-FlexAI-instanceTable tr[data-instance='{instance_id}']")
         row.locator(".jp-FlexAI-stop").click()
         until(lambda: emulator.live_instances() == [], "the stopped instance's deletion", 60)
+
+
+def test_a_limit_is_warned_of_before_it_shuts_the_kernel_down(
+    jupyter_server, kernelspecs, emulator, tmp_path
+):
+    kernelspecs.add("flexai-limited", {"max_cost": 0.01})  # 19 s at $1.89/h
+    server = lab_server(jupyter_server, tmp_path, "--FlexAIExtension.limit_check_interval=0.5")
+    path = notebook(server, "limited.ipynb", "flexai-limited")
+    with lab_page(server, tmp_path, path) as page:
+        status = status_item(page)
+        expect(status).to_have_class(re.compile("jp-mod-warning"))
+        warning = page.locator(".Toastify__toast", has_text="will be shut down")
+        expect(warning).to_contain_text("it reaches its max_cost of $0.01")
+        expect(warning).to_be_in_viewport(ratio=1)
+        shoot(page, "gpu-limit-warning.png")
+        until(lambda: emulator.live_instances() == [], "the limit's shutdown", 90)
+        expect(page.locator(".Toastify__toast", has_text="is being shut down")).to_contain_text(
+            "max_cost of $0.01"
+        )
