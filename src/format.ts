@@ -109,6 +109,11 @@ export function reducePhases(events: readonly IPhase[]): IStartState | null {
   }, null);
 }
 
+/** The notebook a kernel was started for, from its phases. */
+export function notebookOf(phases: readonly IPhase[]): string | null {
+  return phases.find(phase => phase.path)?.path ?? null;
+}
+
 /** A start failure told fix first: what to do, then the whole message. */
 export interface IFailure {
   fix: string;
@@ -144,6 +149,15 @@ function capitalize(text: string): string {
   return text.charAt(0).toUpperCase() + text.slice(1);
 }
 
+/**
+ * The limit a "limit reached" message names ("max_cost of $25"), or null: the server's
+ * message is longer than a notification shows.
+ */
+export function limitIn(message: string): string | null {
+  const found = /(max_cost of \$[\d.]+|max_hours of [\d.]+ h)/.exec(message);
+  return found ? found[1] : null;
+}
+
 /** A running instance's limits and what it has used, as `/api/compute/instances` gives. */
 export interface ILimitInput {
   price_per_hour: number | null;
@@ -164,7 +178,8 @@ export interface ILimitWarning {
  */
 export function limitWarning(
   model: ILimitInput,
-  uptimeSeconds = model.uptime_seconds ?? 0
+  uptimeSeconds = model.uptime_seconds ?? 0,
+  kernel = 'The kernel'
 ): ILimitWarning | null {
   const { max_hours: maxHours, max_cost: maxCost } = model.limits;
   const price = model.price_per_hour ?? 0;
@@ -197,6 +212,6 @@ export function limitWarning(
     remaining > 0 ? `in ${formatDuration(remaining)}` : 'now';
   return {
     remaining,
-    text: `The kernel will be shut down and its instance deleted ${when}: it reaches ${nearest.what}.`
+    text: `${kernel} will be shut down and its instance deleted ${when}: it reaches ${nearest.what}.`
   };
 }

@@ -6,7 +6,14 @@
 import { Dialog, Notification, showDialog } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
-import { costOf, formatCost, formatDuration, formatPrice, phaseLabel } from './format';
+import {
+  costOf,
+  formatCost,
+  formatDuration,
+  formatPrice,
+  notebookOf,
+  phaseLabel
+} from './format';
 import { type ComputeState, elapsedOf, uptimeOf } from './state';
 
 /** Open the instances dialog; it follows the state while open. */
@@ -55,7 +62,7 @@ class InstancesBody extends Widget {
       const cost = price === null ? null : costOf(price, uptime);
       total += cost ?? 0;
       hourly += price ?? 0;
-      const notebook = model.phases.find(p => p.path)?.path ?? `kernel ${model.kernel_id.slice(0, 8)}`;
+      const notebook = notebookOf(model.phases) ?? `kernel ${model.kernel_id.slice(0, 8)}`;
       const state = model.connected ? model.state : `${model.state}, reconnecting`;
       rows.push({
         cells: [

@@ -4,7 +4,14 @@
  * it ran and cost, a limit about to act or acting.
  */
 import { Dialog, Notification, showDialog } from '@jupyterlab/apputils';
-import { failureOf, formatCost, formatDuration, limitWarning } from './format';
+import {
+  failureOf,
+  formatCost,
+  formatDuration,
+  limitIn,
+  limitWarning,
+  notebookOf
+} from './format';
 import { problemWidget } from './problem';
 import { type ComputeState, type IPhaseEmission, uptimeOf } from './state';
 
@@ -15,7 +22,9 @@ export function notifyAbout(state: ComputeState, chooseGPU: (path: string) => bo
   state.changed.connect(() => {
     for (const synced of state.instances) {
       const { model } = synced;
-      const warning = limitWarning(model, uptimeOf(synced, Date.now()));
+      const notebook = notebookOf(model.phases);
+      const kernel = `The FlexAI kernel${notebook ? ` for ${notebook}` : ''}`;
+      const warning = limitWarning(model, uptimeOf(synced, Date.now()), kernel);
       if (warning && !warned.has(model.kernel_id)) {
         warned.add(model.kernel_id);
         Notification.warning(warning.text, { autoClose: false });
@@ -58,12 +67,15 @@ function onPhase(
       });
       return;
     }
-    case 'limit reached':
+    case 'limit reached': {
+      const limit = limitIn(event.message ?? '') ?? 'limit';
       Notification.warning(
-        `A FlexAI kernel${where} is being shut down: ${event.message ?? 'it reached its limit'}.`,
+        `The FlexAI kernel${where} reached its ${limit}: it is being shut down and its ` +
+          'instance deleted.',
         { autoClose: false }
       );
       return;
+    }
     case 'shut down': {
       if (!event.instance_id) {
         return;

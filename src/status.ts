@@ -59,8 +59,8 @@ export function describe(
     };
   }
   const synced = state.instance(context.session?.kernel?.id);
-  if (!synced) {
-    return none;
+  if (!synced || synced.model.state === 'deleted') {
+    return none; // shutting down: the notification tells what it ran and cost
   }
   const { model } = synced;
   const uptime = uptimeOf(synced, now);

@@ -7,7 +7,9 @@ import {
   formatCost,
   formatDuration,
   formatPrice,
+  limitIn,
   limitWarning,
+  notebookOf,
   phaseLabel,
   reducePhases
 } from '../format';
@@ -44,6 +46,8 @@ test('events reduce to the current phase of the start', () => {
     path: 'a.ipynb'
   });
   assert.equal(phaseLabel(booting!.phase), 'Booting the instance');
+  assert.equal(notebookOf([{ phase: 'requesting', elapsed_seconds: 0, path: 'a.ipynb' }]), 'a.ipynb');
+  assert.equal(notebookOf([{ phase: 'ready', elapsed_seconds: 1 }]), null);
   const ready = reducePhases([
     { phase: 'requesting', elapsed_seconds: 0 },
     { phase: 'ready', elapsed_seconds: 20, instance_id: 'inst-1' }
@@ -95,8 +99,23 @@ test('limits warn shortly before they act', () => {
   const cost = { ...model, limits: { max_hours: 8, max_cost: 1 } }; // $1 at $2/h: 30 min
   assert.match(limitWarning(cost, 1700)!.text, /max_cost of \$1\.00/);
   assert.match(limitWarning(cost, 1900)!.text, /deleted now/);
+  assert.match(limitWarning(cost, 1900, 'The FlexAI kernel for a.ipynb')!.text, /^The FlexAI kernel for a\.ipynb will/);
   assert.equal(
     limitWarning({ ...model, limits: { max_hours: null, max_cost: null } }, 1e9),
     null
   );
+});
+
+test('a limit reached is named from the message of the server', () => {
+  assert.equal(
+    limitIn(
+      "instance inst-1 has cost $25.0012 at $1.89/h, reaching the kernel's max_cost of $25"
+    ),
+    'max_cost of $25'
+  );
+  assert.equal(
+    limitIn("instance inst-1 has run 8.0001 h, reaching the kernel's max_hours of 8 h"),
+    'max_hours of 8 h'
+  );
+  assert.equal(limitIn('something else'), null);
 });
