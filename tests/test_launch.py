@@ -195,7 +195,8 @@ def test_the_kernel_runs_on_an_instance_and_shutdown_deletes_it(emulator, fronte
 def test_jupyter_console_existing_attaches_and_shuts_down(emulator, frontend, tmp_path):
     proc = frontend.start()
     code = (
-        "import os\nprint('instance:', os.environ['FLEXAI_INSTANCE_ID'])\nquit(keep_kernel=False)\n"
+        "import os\nprint('instance:', os.environ['FLEXAI_INSTANCE_ID'])\n"
+        "quit(keep_kernel=False)\n"
     )
     console = subprocess.run(
         [
