@@ -152,6 +152,11 @@ export class ComputeState implements IDisposable {
       return await compute<IStopped>(`instance/${encodeURIComponent(instanceId)}/stop`, {
         method: 'POST'
       });
+    } catch (error) {
+      if (kernelId) {
+        this._cancelled.delete(kernelId); // nothing was stopped: a later failure is not ours
+      }
+      throw error;
     } finally {
       void this.sync();
     }
