@@ -32,7 +32,7 @@ from traitlets.config import Config
 
 from flexai_provisioner import progress
 from flexai_provisioner.client import FlexAIClient
-from flexai_provisioner.errors import LedgerError
+from flexai_provisioner.errors import LedgerError, PlatformError
 from flexai_provisioner.ledger import Ledger
 
 
@@ -120,6 +120,26 @@ async def test_a_deletion_during_an_outage_is_retried_until_it_succeeds(
     await until(lambda: not emulator.live_instances(), 60, "the owed deletion to be retried")
     assert time.monotonic() >= outage_ends
     await until(lambda: ledger_rows(flexai_env)[0]["deleted_at"], 10, "the ledger to agree")
+
+
+async def test_a_start_that_fails_in_an_outage_leaves_its_deletion_owed_not_lost(
+    emulator, kernelspecs, flexai_env
+):
+    emulator.update_faults(provision_delay=3)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    start = asyncio.ensure_future(km.start_kernel())
+    try:
+        await until(lambda: emulator.live_instances(), 30, "the instance to be created")
+        emulator.update_faults(fail_for=15)  # the wait for it to boot fails, then its delete
+        with pytest.raises(PlatformError, match="503"):
+            await start
+        [instance_id] = emulator.live_instances()
+        [row] = ledger_rows(flexai_env)
+        assert row["instance_id"] == instance_id and row["delete_owed"]
+        await until(lambda: not emulator.live_instances(), 60, "the owed deletion")
+    finally:
+        if not start.done():
+            start.cancel()
 
 
 OUTAGE_OWNER = textwrap.dedent(
