@@ -274,13 +274,23 @@ def _register_gc(subparsers: Subparsers, parents: list[argparse.ArgumentParser])
 
 
 def _run_gc(args: argparse.Namespace) -> int:
+    ledger = Ledger()
     with _client(args) as client:
-        reaped = reap_orphans(client, Ledger(), client.api_url, dry_run=args.dry_run)
+        reaped = reap_orphans(client, ledger, client.api_url, dry_run=args.dry_run)
+        unseen = [
+            e for e in ledger.live(client.api_url) if not (e.owner.visible() or e.delete_owed)
+        ]
     verb = "would delete" if args.dry_run else "deleted"
     for item in reaped:
         print(f"{verb} {item.instance_id} (kernel {item.kernel_id or '?'}, from {item.reason})")
     if not reaped:
         print("no orphaned instances")
+    if unseen:
+        print(
+            f"left {len(unseen)} instance(s) whose owner this machine cannot see (another "
+            "host, boot or PID namespace sharing this ledger): their owner deletes them, or "
+            "their lease expires"
+        )
     return 0
 
 

@@ -109,10 +109,15 @@ class Owner:
         host, boot, pidns = _machine()
         return cls(host, boot, pidns, pid, process_start_time(pid) or 0.0)
 
+    def visible(self) -> bool:
+        """Whether this machine can see the owner's process table: same host, boot and PID
+        namespace (both known)."""
+        host, boot, pidns = _machine()
+        return bool(boot and pidns) and (self.host, self.boot, self.pidns) == (host, boot, pidns)
+
     def died(self) -> bool:
         """True only if this machine can see that the owner is gone (see the module doc)."""
-        host, boot, pidns = _machine()
-        if not (boot and pidns) or (self.host, self.boot, self.pidns) != (host, boot, pidns):
+        if not self.visible():
             return False  # another machine, boot or PID namespace: we cannot know
         try:
             return process_start_time(self.pid) != self.started

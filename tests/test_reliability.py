@@ -89,6 +89,8 @@ async def test_an_owner_in_another_pid_namespace_is_never_reaped(
                 done = gc()
                 assert done.returncode == 0, done.stderr
                 assert foreign not in done.stdout
+                unseen = "left 1 instance(s) whose owner this machine cannot see" in done.stdout
+                assert unseen is shared_ledger  # only a shared ledger holds the foreign row
                 assert foreign in emulator.live_instances()
             finally:
                 await km.shutdown_kernel(now=True)
