@@ -54,7 +54,10 @@ class GPUButton extends Widget {
     );
     const price = this._state.instance(context.session?.kernel?.id)?.model.price_per_hour;
     const gpu = spec ? `${spec.gpuCount > 1 ? `${spec.gpuCount}× ` : ''}${spec.gpuType}` : null;
-    const text = gpu ? `GPU: ${gpu}${price ? ` · ${formatPrice(price)}` : ''}` : 'GPU';
+    const lowest = this._state.lowestPrice;
+    const text = gpu
+      ? `GPU: ${gpu}${price ? ` · ${formatPrice(price)}` : ''}`
+      : `GPU${lowest === null ? '' : ` · from ${formatPrice(lowest)}`}`;
     if (this._label.textContent !== text) {
       this._label.textContent = text;
     }

@@ -62,6 +62,7 @@ export class ComputeState implements IDisposable {
     this._timer = window.setInterval(() => void this._tick(), 1000);
     void this.sync();
     void this._poll(false); // starts under way before this page opened
+    this.gpuTypes().catch(() => undefined); // the lowest price, for the GPU buttons
 
   }
 
@@ -117,7 +118,17 @@ export class ComputeState implements IDisposable {
 
   /** The GPU types the platform offers (asked anew each time: availability changes). */
   async gpuTypes(): Promise<IGPUType[]> {
-    return (await compute<{ gpu_types: IGPUType[] }>('available')).gpu_types;
+    const types = (await compute<{ gpu_types: IGPUType[] }>('available')).gpu_types;
+    const startable = types.filter(t => t.kernel_name && t.available > 0);
+    const lowest = Math.min(...startable.map(t => t.price_per_hour));
+    this._lowestPrice = Number.isFinite(lowest) ? lowest : null;
+    this._changed.emit();
+    return types;
+  }
+
+  /** The lowest hourly price of a GPU a kernel can start on here now, as last asked. */
+  get lowestPrice(): number | null {
+    return this._lowestPrice;
   }
 
   /** Re-read the instances from the server. */
@@ -236,6 +247,7 @@ export class ComputeState implements IDisposable {
   private _cancelled = new Set<string>();
   private _lastSync = 0;
   private _lastPoll = 0;
+  private _lowestPrice: number | null = null;
   private _syncing: Promise<void> | null = null;
   private _changed = new Signal<this, void>(this);
   private _phase = new Signal<this, IPhaseEmission>(this);

@@ -161,6 +161,8 @@ def test_the_gpu_dialog_switches_the_kernel_and_shows_progress_and_cost(
     emulator.update_faults(provision_delay=8.0)
     with lab_page(server, tmp_path, path) as page:
         expect(page.locator(".jp-StatusBar-TextItem", has_text="Python 3")).to_contain_text("Idle")
+        # The price shows before any click: from the cheapest type a kernel can start on here.
+        expect(page.locator(".jp-FlexAI-gpuButton")).to_have_text("GPU · from $1.89/h")
         dialog = open_gpu_dialog(page)
         a100 = dialog.locator(".jp-FlexAI-gpuRow[data-gpu='A100']")
         expect(a100).to_contain_text("80 GB")
@@ -177,6 +179,8 @@ def test_the_gpu_dialog_switches_the_kernel_and_shows_progress_and_cost(
         status = status_item(page)
         expect(status).to_contain_text("Booting the instance", timeout=20_000)
         expect(status.locator(".jp-FlexAI-cancel")).to_be_visible()
+        # The seconds count on while the phase stays (no event arrives during the boot).
+        expect(status).to_contain_text(re.compile(r"Booting the instance… [1-9]\d* s"))
         shoot(page, "gpu-booting.png")
         expect(status).to_contain_text(re.compile(r"A100 · \d+:\d\d:\d\d · \$0\.\d+"))
         expect(page.locator(".jp-FlexAI-gpuButton")).to_contain_text("GPU: A100 · $1.89/h")
