@@ -154,18 +154,20 @@ export class ComputeState implements IDisposable {
     return this._syncing;
   }
 
-  /** Stop an instance (cancelling its start if it still boots); its final cost. */
+  /** Stop an instance (cancelling the start of kernel `kernelId` if it is under way); its
+   * final cost. */
   async stop(instanceId: string, kernelId?: string): Promise<IStopped> {
-    if (kernelId) {
-      this._cancelled.add(kernelId);
+    const cancelling = Boolean(kernelId && this._starts.get(kernelId)?.active);
+    if (cancelling) {
+      this._cancelled.add(kernelId!);
     }
     try {
       return await compute<IStopped>(`instance/${encodeURIComponent(instanceId)}/stop`, {
         method: 'POST'
       });
     } catch (error) {
-      if (kernelId) {
-        this._cancelled.delete(kernelId); // nothing was stopped: a later failure is not ours
+      if (cancelling) {
+        this._cancelled.delete(kernelId!); // nothing was stopped: a later failure is not ours
       }
       throw error;
     } finally {

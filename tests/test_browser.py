@@ -203,7 +203,9 @@ def test_the_gpu_dialog_switches_the_kernel_and_shows_progress_and_cost(
         expect(row).to_contain_text("running")
         shoot(page, "gpu-instances.png")
         row.locator(".jp-FlexAI-stop").click()
-        toast = page.locator(".Toastify__toast", has_text=f"Instance {instance_id} deleted, ran")
+        toast = page.locator(
+            ".Toastify__toast", has_text=re.compile(f"^Instance {instance_id} deleted, ran")
+        )
         expect(toast).to_contain_text(re.compile(r"ran \d+:\d\d:\d\d, \$0\.\d+"))
         expect(toast).to_be_in_viewport(ratio=1)  # slid in (it goes after 10 s)
         expect(page.locator(".jp-Dialog .jp-FlexAI-summary")).to_contain_text("No FlexAI instance")
