@@ -124,25 +124,39 @@ const FREE_NOW = 'GPU types free right now: ';
 
 /**
  * The fix a start error carries. This project's errors read "what happened; what to do",
- * so the last clause is the fix; a no-capacity error lists the types that are free.
+ * so the last clause is the fix; a no-capacity error lists the types that are free, of
+ * which only those with a kernelspec here (`installed`, lower case, when known) can be
+ * chosen.
  */
-export function failureOf(message: string): IFailure {
+export function failureOf(message: string, installed?: ReadonlySet<string>): IFailure {
   const text = message.trim();
   const clauses = text.split('; ');
   const last = clauses.length > 1 ? clauses[clauses.length - 1] : '';
   let fix: string;
   if (last.startsWith(FREE_NOW)) {
-    const free = last.slice(FREE_NOW.length).trim();
-    fix =
-      free && free !== 'none'
-        ? `Choose another GPU type: ${free} ${free.includes(',') ? 'are' : 'is'} free now.`
-        : 'No GPU type is free right now: try again in a few minutes.';
+    fix = freeFix(last.slice(FREE_NOW.length), installed);
   } else if (last) {
     fix = capitalize(last.replace(/\.$/, '')) + '.';
   } else {
     fix = 'See the Jupyter server log for details.';
   }
   return { fix, message: text };
+}
+
+function freeFix(list: string, installed?: ReadonlySet<string>): string {
+  const free = list
+    .split(',')
+    .map(name => name.trim())
+    .filter(name => name && name !== 'none');
+  const choosable = installed ? free.filter(name => installed.has(name.toLowerCase())) : free;
+  if (choosable.length) {
+    const verb = choosable.length > 1 ? 'are' : 'is';
+    return `Choose another GPU type: ${choosable.join(', ')} ${verb} free now.`;
+  }
+  if (free.length) {
+    return `Install a free GPU type: jupyter flexai install --gpu ${free[0]}.`;
+  }
+  return 'No GPU type is free right now: try again in a few minutes.';
 }
 
 function capitalize(text: string): string {

@@ -14,7 +14,7 @@ import { Widget } from '@lumino/widgets';
 
 import { formatPrice } from './format';
 import { showInstances } from './instances';
-import { findSpec } from './kernels';
+import { findSpec, flexaiSpecs } from './kernels';
 import { notifyAbout } from './notify';
 import { chooseGPU } from './picker';
 import { ComputeState } from './state';
@@ -146,8 +146,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
       });
     }
 
-    notifyAbout(state, path =>
-      pickFor(tracker.find(panel => panel.sessionContext.path === path))
+    notifyAbout(
+      state,
+      path => pickFor(tracker.find(panel => panel.sessionContext.path === path)),
+      () =>
+        new Set(
+          flexaiSpecs(app.serviceManager.kernelspecs.specs).map(spec =>
+            spec.gpuType.toLowerCase()
+          )
+        )
     );
   }
 };

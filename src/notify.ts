@@ -15,10 +15,17 @@ import {
 import { problemWidget } from './problem';
 import { type ComputeState, type IPhaseEmission, uptimeOf } from './state';
 
-/** Notify about `state`'s kernels; `chooseGPU(path)` opens the GPU dialog of a notebook. */
-export function notifyAbout(state: ComputeState, chooseGPU: (path: string) => boolean): void {
+/**
+ * Notify about `state`'s kernels; `chooseGPU(path)` opens the GPU dialog of a notebook,
+ * `installed()` tells the GPU types (lower case) that have a kernelspec here.
+ */
+export function notifyAbout(
+  state: ComputeState,
+  chooseGPU: (path: string) => boolean,
+  installed: () => ReadonlySet<string>
+): void {
   const warned = new Set<string>();
-  state.phase.connect((_, emission) => onPhase(emission, chooseGPU));
+  state.phase.connect((_, emission) => onPhase(emission, chooseGPU, installed()));
   state.changed.connect(() => {
     for (const synced of state.instances) {
       const { model } = synced;
@@ -35,7 +42,8 @@ export function notifyAbout(state: ComputeState, chooseGPU: (path: string) => bo
 
 function onPhase(
   { event, start, cancelled }: IPhaseEmission,
-  chooseGPU: (path: string) => boolean
+  chooseGPU: (path: string) => boolean,
+  installed: ReadonlySet<string>
 ): void {
   const where = start.path ? ` for ${start.path}` : '';
   switch (event.phase) {
@@ -45,7 +53,7 @@ function onPhase(
         return; // said with the instance's cost at "shut down"
       }
       replaceJupyterDialogs(event.message ?? '', start.path, chooseGPU);
-      const failure = failureOf(event.message ?? 'the start failed');
+      const failure = failureOf(event.message ?? 'the start failed', installed);
       const actions: Notification.IAction[] = [
         {
           label: 'Show error',

@@ -240,7 +240,8 @@ def test_a_start_without_capacity_explains_itself(jupyter_server, emulator, tmp_
     path = notebook(server, "full.ipynb", "flexai-a100")
     with lab_page(server, tmp_path, path) as page:
         toast = page.locator(".Toastify__toast", has_text="did not start")
-        expect(toast).to_contain_text("Choose another GPU type: ")
+        # Only A100 has a kernelspec here: the free types are named with how to add one.
+        expect(toast).to_contain_text("Install a free GPU type: jupyter flexai install --gpu H100")
         expect(toast).to_be_in_viewport(ratio=1)
         # Instead of JupyterLab's one-line error and its kernel selector with the type that
         # failed preselected, the GPU dialog opens, A100 greyed as none is free.
@@ -255,7 +256,7 @@ def test_a_start_without_capacity_explains_itself(jupyter_server, emulator, tmp_
         dialog.locator(".jp-mod-reject").click()
         toast.get_by_role("button", name="Show error").click()
         dialog = page.locator(".jp-Dialog", has_text="did not start")
-        expect(dialog.locator(".jp-FlexAI-fix")).to_contain_text("Choose another GPU type")
+        expect(dialog.locator(".jp-FlexAI-fix")).to_contain_text("Install a free GPU type")
         expect(dialog.locator(".jp-FlexAI-message")).to_contain_text("GPU types free right now")
         shoot(page, "gpu-no-capacity-details.png")
     assert emulator.live_instances() == []
