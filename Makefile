@@ -52,7 +52,7 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf .demo .pytest_cache .ruff_cache build dist test-artifacts \
-		lib build-test tsconfig.tsbuildinfo flexai_provisioner/labextension
+		lib tsconfig.tsbuildinfo flexai_provisioner/labextension
 	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
 		\( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +
 

@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
 
 import {
   costOf,
@@ -73,6 +72,15 @@ test('start failures are told fix first', () => {
     'no free A100 capacity (0 of 0 free); GPU types free right now: H100, L4'
   );
   assert.equal(full.fix, 'Choose another GPU type: H100, L4 are free now.');
+  const message = full.message;
+  assert.equal(
+    failureOf(message, new Set(['a100', 'l4'])).fix,
+    'Choose another GPU type: L4 is free now.'
+  );
+  assert.equal(
+    failureOf(message, new Set(['a100'])).fix,
+    'Install a free GPU type: jupyter flexai install --gpu H100.'
+  );
   assert.match(full.message, /^no free A100 capacity/);
   assert.equal(
     failureOf('x; GPU types free right now: none').fix,
