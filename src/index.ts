@@ -79,6 +79,13 @@ class NotebookGPU implements DocumentRegistry.IWidgetExtension<NotebookPanel, IN
   ) {}
 
   createNew(panel: NotebookPanel): IDisposable {
+    // "Shut Down Kernel" before the notebook's first session exists terminates no session:
+    // the start it abandons must still end, and its instance be deleted.
+    panel.sessionContext.statusChanged.connect((context, status) => {
+      if (status === 'terminating' && context.session === null) {
+        this._state.cancelStartFor(context.path);
+      }
+    });
     const button = new GPUButton(panel, this._state);
     panel.toolbar.insertItem(10, 'flexaiGpu', button);
     if (this._inToolbar) {

@@ -49,7 +49,8 @@ function onPhase(
   switch (event.phase) {
     case 'failed': {
       if (cancelled) {
-        replaceJupyterDialogs(event.message ?? '', null, chooseGPU);
+        // Asked for: the notebook stays without a kernel, with no dialog about it.
+        replaceJupyterDialogs(event.message ?? '', start.path, null);
         return; // said with the instance's cost at "shut down"
       }
       replaceJupyterDialogs(event.message ?? '', start.path, chooseGPU);
@@ -106,14 +107,15 @@ function onPhase(
  * After a failed start JupyterLab shows the session request's error in its own dialog, one
  * unwrapped line that long errors run out of, and may then offer its kernel selector with
  * the kernel that just failed preselected. The notification says the error fix first, so
- * the first is closed; the second is replaced by the GPU dialog, where a type without
- * capacity is greyed and its price shown. Both follow the event (by the instance's
- * teardown), so they are looked for a while.
+ * the first is closed; the second is replaced by the GPU dialog (`chooseGPU`), where a
+ * type without capacity is greyed and its price shown, or only closed (`null`: a start
+ * the person cancelled). Both follow the event (by the instance's teardown), so they are
+ * looked for a while.
  */
 function replaceJupyterDialogs(
   message: string,
   path: string | null,
-  chooseGPU: (path: string) => boolean,
+  chooseGPU: ((path: string) => boolean) | null,
   timeout = 30000
 ): void {
   const text = message.trim();
@@ -132,7 +134,7 @@ function replaceJupyterDialogs(
         body.querySelector('label')?.textContent?.endsWith(name)
       ) {
         dialog.querySelector<HTMLElement>('.jp-Dialog-button.jp-mod-reject')?.click();
-        chooseGPU(path);
+        chooseGPU?.(path);
         return;
       }
     }

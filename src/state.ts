@@ -154,6 +154,29 @@ export class ComputeState implements IDisposable {
     return this._syncing;
   }
 
+  /**
+   * The notebook at `path` shut its kernel down while its first session was still being
+   * created (JupyterLab then sends the server nothing until the boot ends): stop the
+   * booting instance now, or as soon as the platform has named it.
+   */
+  cancelStartFor(path: string): void {
+    const start = this.startFor(path);
+    if (!start?.active) {
+      return;
+    }
+    if (start.instanceId) {
+      this._stopQuietly(start.instanceId, start.kernelId);
+    } else {
+      this._cancelWhenNamed.add(start.kernelId);
+    }
+  }
+
+  private _stopQuietly(instanceId: string, kernelId: string): void {
+    this.stop(instanceId, kernelId).catch(error =>
+      console.warn(`FlexAI: cannot stop the booting instance ${instanceId}:`, error)
+    );
+  }
+
   /** Stop an instance (cancelling the start of kernel `kernelId` if it is under way); its
    * final cost. */
   async stop(instanceId: string, kernelId?: string): Promise<IStopped> {
@@ -198,6 +221,12 @@ export class ComputeState implements IDisposable {
     }
     const start = { ...state, kernelId, receivedAt: Date.now() };
     this._starts.set(kernelId, start);
+    if (this._cancelWhenNamed.has(kernelId) && (state.instanceId || !state.active)) {
+      this._cancelWhenNamed.delete(kernelId);
+      if (state.instanceId && state.active) {
+        this._stopQuietly(state.instanceId, kernelId);
+      }
+    }
     const cancelled = this._cancelled.has(kernelId);
     for (const event of announce ? history.slice(seen) : []) {
       this._phase.emit({ event, start, cancelled });
@@ -247,6 +276,7 @@ export class ComputeState implements IDisposable {
   private _starts = new Map<string, IStart>();
   private _instances = new Map<string, ISynced>();
   private _cancelled = new Set<string>();
+  private _cancelWhenNamed = new Set<string>();
   private _lastSync = 0;
   private _lastPoll = 0;
   private _lowestPrice: number | null = null;

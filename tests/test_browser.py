@@ -234,6 +234,26 @@ def test_cancel_deletes_the_booting_instance(jupyter_server, emulator, tmp_path)
         shoot(page, "gpu-cancelled.png")
 
 
+def test_shut_down_kernel_during_the_first_boot_deletes_the_instance(
+    jupyter_server, emulator, tmp_path
+):
+    server = lab_server(jupyter_server, tmp_path)
+    emulator.update_faults(provision_delay=120.0)
+    path = notebook(server, "first.ipynb", "flexai-a100")
+    with lab_page(server, tmp_path, path) as page:
+        expect(status_item(page)).to_contain_text("Booting the instance", timeout=20_000)
+        until(lambda: len(emulator.live_instances()) == 1, "the instance's request")
+        # The notebook has no session yet: JupyterLab's own shutdown sends nothing.
+        menu(page, "Kernel", "Shut Down Kernel")
+        until(lambda: emulator.live_instances() == [], "the abandoned instance's deletion", 30)
+        toast = page.locator(".Toastify__toast", has_text="was cancelled: instance")
+        expect(toast).to_contain_text(re.compile(r"deleted, ran \d+:\d\d:\d\d"))
+        expect(toast).to_be_in_viewport(ratio=1)
+        # Neither JupyterLab's "Error Starting Kernel" nor its kernel selector: asked for.
+        expect(page.locator(".jp-Dialog")).to_have_count(0)
+        shoot(page, "gpu-shut-down-during-boot.png")
+
+
 def test_a_start_without_capacity_explains_itself(jupyter_server, emulator, tmp_path):
     server = lab_server(jupyter_server, tmp_path)
     emulator.update_faults(capacity={"A100": 0})
