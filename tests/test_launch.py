@@ -283,7 +283,9 @@ def test_the_remote_kernels_exit_ends_the_launcher_with_its_status(emulator, fro
 def test_the_frontends_death_deletes_the_instance(emulator, installed_argv, tmp_path):
     fe = Frontend(installed_argv, tmp_path)
     spawn = "import subprocess, sys, time; print(subprocess.Popen(sys.argv[1:]).pid, flush=True); time.sleep(600)"  # noqa: E501
-    parent = subprocess.Popen([sys.executable, "-c", spawn, *fe.argv], stdout=subprocess.PIPE)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", spawn, *fe.argv], stdout=subprocess.PIPE, cwd=tmp_path
+    )
     launcher = int(parent.stdout.readline())  # type: ignore[union-attr]
     try:
         run(fe.client(), "x = 1")
