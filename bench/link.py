@@ -42,6 +42,7 @@ from .ops import (
     TIMEOUT,
     drain_iopub,
     interrupt,
+    last_samples,
     restart,
     rtts,
     shutdown,
@@ -209,32 +210,28 @@ async def measure(cfg: LinkConfig, kernels: Kernels, peer: PeerTunnel, log: Any)
                 raw[kind]["shutdown"].append(await _shutdown(kind, km, kc, peer))
             else:
                 live[kind] = (km, kc)
-        log(f"link start {i + 1}/{cfg.samples}: " + _last(raw, "first_reply"))
+        log(f"link start {i + 1}/{cfg.samples}: " + last_samples(raw, "first_reply"))
     for kind in KINDS:
         await rtts(live[kind][1], 0, cfg.rtt_warmup)
     block = max(1, min(25, cfg.rtts // 4))
     while len(raw[LOCAL]["rtt"]) < cfg.rtts:
         for kind in KINDS:
             raw[kind]["rtt"] += await rtts(live[kind][1], block, 0)
-    log("link rtt: " + _last(raw, "rtt"))
+    log("link rtt: " + last_samples(raw, "rtt"))
     for _ in range(cfg.throughput_runs):
         for kind in KINDS:
             raw[kind]["throughput"].append(await throughput(live[kind][1], cfg.megabytes))
-    log("link throughput MB/s: " + _last(raw, "throughput", scale=1))
+    log("link throughput MB/s: " + last_samples(raw, "throughput", scale=1))
     for _ in range(cfg.samples):
         for kind in KINDS:
             raw[kind]["interrupt"].append(await interrupt(*live[kind]))
             raw[kind]["restart"].append(await restart(*live[kind]))
-    log("link interrupt: " + _last(raw, "interrupt") + "; restart: " + _last(raw, "restart"))
+    log(f"link interrupt: {last_samples(raw, 'interrupt')}")
+    log(f"link restart: {last_samples(raw, 'restart')}")
     for kind in KINDS:
         raw[kind]["shutdown"].append(await _shutdown(kind, *live.pop(kind), peer))
-    log("link shutdown: " + _last(raw, "shutdown"))
+    log("link shutdown: " + last_samples(raw, "shutdown"))
     return raw
-
-
-def _last(raw: dict[str, dict[str, list[float]]], key: str, scale: float = 1000) -> str:
-    unit = "ms" if scale == 1000 else ""
-    return ", ".join(f"{k} {v[key][-1] * scale:.1f}{unit}" for k, v in raw.items())
 
 
 def _p95(values: list[float]) -> float:

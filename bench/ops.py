@@ -161,3 +161,9 @@ async def throughput(kc: Any, megabytes: int) -> float:
     if received < megabytes * 1024 * 1024:
         raise RuntimeError(f"received {received} bytes of {megabytes} MiB")
     return received / 1e6 / elapsed
+
+
+def last_samples(raw: dict[str, dict[str, Any]], key: str, scale: float = 1000) -> str:
+    """The latest sample of ``key`` for each kind, for progress lines (ms unless ``scale``)."""
+    unit = "ms" if scale == 1000 else ""
+    return ", ".join(f"{k} {v[key][-1] * scale:.1f}{unit}" for k, v in raw.items())

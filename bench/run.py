@@ -35,7 +35,7 @@ from .harness import (
 )
 from .link import LinkConfig, run_link
 from .link import table as link_table
-from .ops import restart, rtts, shutdown, start_ready, throughput
+from .ops import last_samples, restart, rtts, shutdown, start_ready, throughput
 from .workspace import measure_workspace, workspace_line
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
@@ -111,7 +111,7 @@ async def measure_kinds(cfg: Config, kernels: Kernels, log: Any) -> dict[str, di
                 raw[kind]["shutdown"].append(await shutdown(km, kc))
             else:
                 live[kind] = (km, kc)
-        log(f"start {i + 1}/{cfg.starts}: " + _fmt_last(raw, "start"))
+        log(f"start {i + 1}/{cfg.starts}: " + last_samples(raw, "start"))
     for kind in kinds:
         raw[kind]["rtt"] = []
         await rtts(live[kind][1], 0, cfg.rtt_warmup)
@@ -125,26 +125,21 @@ async def measure_kinds(cfg: Config, kernels: Kernels, log: Any) -> dict[str, di
     for _ in range(cfg.throughput_runs):
         for kind in kinds:
             raw[kind]["throughput"].append(await throughput(live[kind][1], cfg.megabytes))
-        log("throughput MB/s: " + _fmt_last(raw, "throughput", scale=1))
+        log("throughput MB/s: " + last_samples(raw, "throughput", scale=1))
     for kind in kinds:
         raw[kind]["restart"] = []
     for _ in range(cfg.restarts):
         for kind in kinds:
             raw[kind]["restart"].append(await restart(*live[kind]))
-        log("restart: " + _fmt_last(raw, "restart"))
+        log("restart: " + last_samples(raw, "restart"))
     for kind in kinds:
         km, kc = live.pop(kind)
         instance_id = getattr(km.provisioner, "instance_id", None)
         raw[kind]["shutdown"].append(await shutdown(km, kc))
         if instance_id is not None and not _instance_deleted(instance_id):
             raise RuntimeError(f"instance {instance_id} outlived its kernel's shutdown")
-    log("shutdown: " + _fmt_last(raw, "shutdown"))
+    log("shutdown: " + last_samples(raw, "shutdown"))
     return raw
-
-
-def _fmt_last(raw: dict[str, dict[str, Any]], key: str, scale: float = 1000) -> str:
-    unit = "ms" if scale == 1000 else ""
-    return ", ".join(f"{k} {v[key][-1] * scale:.1f}{unit}" for k, v in raw.items())
 
 
 def _instance_deleted(instance_id: str) -> bool:
