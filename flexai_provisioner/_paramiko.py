@@ -40,10 +40,10 @@ DataSink = Callable[[bytes], None]
 
 
 def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
-    """A client transport on ``sock`` preferring cheap ciphers: a :class:`_Transport`, or
+    """A client transport on ``sock`` preferring cheap ciphers: a :class:`_SinkTransport`, or
     paramiko's own if :data:`PUBLIC_API_ONLY`."""
     transport = (
-        paramiko.Transport(sock, **kwargs) if PUBLIC_API_ONLY else _Transport(sock, **kwargs)
+        paramiko.Transport(sock, **kwargs) if PUBLIC_API_ONLY else _SinkTransport(sock, **kwargs)
     )
     options = transport.get_security_options()
     options.ciphers = _first(_CIPHERS, options.ciphers)
@@ -57,7 +57,7 @@ def _first(preferred: tuple[str, ...], offered: tuple[str, ...]) -> tuple[str, .
 
 def session_started(transport: paramiko.Transport) -> None:
     """sshd has set TCP_NODELAY for a running session: stop acknowledging every read at once."""
-    if isinstance(transport, _Transport):
+    if isinstance(transport, _SinkTransport):
         transport.sock.quickack = False
 
 
@@ -70,7 +70,7 @@ def set_sink(chan: paramiko.Channel, sink: DataSink) -> bool:
     changes nothing, if the channel's transport is paramiko's own.
     """
     transport = chan.get_transport()
-    if not isinstance(transport, _Transport):
+    if not isinstance(transport, _SinkTransport):
         return False
     with transport.sink_lock:
         # No window credit here: the sink credits these bytes as it passes them on.
@@ -109,7 +109,7 @@ def _on_channel_data(chan: paramiko.Channel, m: paramiko.Message) -> None:
     and one wake-up of the local reader per 256 KiB read instead of per 32 KiB packet,
     and a lone small message is passed on as soon as it is handled.
     """
-    transport: _Transport = chan.transport  # type: ignore[assignment]
+    transport: _SinkTransport = chan.transport  # type: ignore[assignment]
     if "flexai_sink" not in chan.__dict__:
         with transport.sink_lock:
             if "flexai_sink" not in chan.__dict__:
@@ -145,7 +145,7 @@ class _Packetizer(paramiko.Packetizer):
             super().complete_handshake()
 
 
-class _Transport(paramiko.Transport):
+class _SinkTransport(paramiko.Transport):
     """paramiko's transport, reading ahead and able to hand channel data over directly.
 
     A channel given a sink (:func:`set_sink`) has its incoming data passed to the sink in

@@ -200,7 +200,7 @@ def _tune_socket(sock: socket.socket, keepalive_interval: float) -> None:
 
 
 class SSHConnection:
-    """A paramiko transport to one instance, authenticated with one key (or ssh-agent's).
+    """A paramiko transport to one instance, authenticated with one key.
 
     The host key is checked against the fingerprint the platform reported before any
     credential is sent; there is no known_hosts file and no trust on first use. Every
@@ -210,7 +210,7 @@ class SSHConnection:
     def __init__(
         self,
         endpoint: SSHEndpoint,
-        key: KeyPair | None,
+        key: KeyPair,
         *,
         connect_timeout: float = 30.0,
         keepalive_interval: float = 5.0,
@@ -286,23 +286,18 @@ class SSHConnection:
             )
 
     def _authenticate(self, transport: paramiko.Transport) -> None:
-        keys = [self._key.private_key] if self._key else list(paramiko.Agent().get_keys())
-        if not keys:
-            raise SSHAuthenticationError(f"no SSH key to log in to {self._where} with")
-        for pkey in keys:
-            try:
-                transport.auth_publickey(self.endpoint.user, pkey)
-                return
-            except paramiko.AuthenticationException as e:
-                if "timeout" in str(e):
-                    raise SSHTimeoutError(
-                        f"the SSH server at {self._where} did not answer our login within "
-                        f"{self._connect_timeout:g} s"
-                    ) from e
-        raise SSHAuthenticationError(
-            f"the instance at {self._where} refused our SSH key: the platform did not "
-            "authorise the key it was given"
-        )
+        try:
+            transport.auth_publickey(self.endpoint.user, self._key.private_key)
+        except paramiko.AuthenticationException as e:
+            if "timeout" in str(e):
+                raise SSHTimeoutError(
+                    f"the SSH server at {self._where} did not answer our login within "
+                    f"{self._connect_timeout:g} s"
+                ) from e
+            raise SSHAuthenticationError(
+                f"the instance at {self._where} refused our SSH key: the platform did not "
+                "authorise the key it was given"
+            ) from None
 
     def _open_session(self, timeout: float) -> paramiko.Channel:
         return self.transport.open_session(
@@ -442,7 +437,7 @@ class SFTPBatch:
             raise failure
 
 
-def connect(endpoint: SSHEndpoint, key: KeyPair | None, **kwargs: float) -> SSHConnection:
+def connect(endpoint: SSHEndpoint, key: KeyPair, **kwargs: float) -> SSHConnection:
     """A connected :class:`SSHConnection` (``kwargs`` as its constructor's)."""
     conn = SSHConnection(endpoint, key, **kwargs)
     conn.connect()

@@ -195,7 +195,7 @@ def test_held_data_reaches_the_sink_before_the_end_of_its_channel():
     overtake it (checked on the handler table itself, no network timing involved; the
     public-API path holds nothing)."""
     ours, theirs = socket.socketpair()
-    transport = _paramiko._Transport(ours)
+    transport = _paramiko._SinkTransport(ours)
     try:
         chan = paramiko.Channel(7)
         chan._set_transport(transport)
