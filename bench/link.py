@@ -35,7 +35,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.ssh import tunnel
 
 from flexai_provisioner.client import FlexAIClient
-from flexai_provisioner.platform import InstanceState
+from flexai_provisioner.gpu_platform import InstanceState
 
 from .harness import FLEXAI, LOCAL, EmulatorProcess, Environment, Kernels
 from .ops import (

@@ -145,7 +145,7 @@ async def measure_kinds(cfg: Config, kernels: Kernels, log: Any) -> dict[str, di
 def _instance_deleted(instance_id: str) -> bool:
     from flexai_provisioner.client import FlexAIClient
     from flexai_provisioner.errors import NotFoundError
-    from flexai_provisioner.platform import InstanceState
+    from flexai_provisioner.gpu_platform import InstanceState
 
     try:
         return FlexAIClient().get_instance(instance_id).state is InstanceState.DELETED

@@ -29,9 +29,9 @@ from . import __version__
 from .client import FlexAIClient
 from .emulator import command as emulator_command
 from .errors import FlexAIError, PlatformUnreachableError, UnknownGPUTypeError, WorkspaceError
+from .gpu_platform import Instance, InstanceState
 from .kernelspecs import install_kernelspecs, kernel_name, kernelspec_dict
 from .ledger import Ledger
-from .platform import Instance, InstanceState
 from .reaper import reap_orphans
 from .workspace import files, megabytes, running_workspaces, state_path, sync_elsewhere
 

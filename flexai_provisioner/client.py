@@ -1,59 +1,40 @@
-"""The FlexAI REST API client (see ``docs/api.md``), and waits that work over any Platform.
+"""The FlexAI REST API client (see ``docs/api.md``).
 
-:class:`FlexAIClient` turns every API answer into the :mod:`~flexai_provisioner.platform`
+:class:`FlexAIClient` turns every API answer into the :mod:`~flexai_provisioner.gpu_platform`
 data classes or into one of the :mod:`~flexai_provisioner.errors`, so callers never see a
 ``requests``, JSON or ``KeyError`` exception. Every call it makes is safe to repeat (provision
-carries an ``Idempotency-Key``), so every call is retried on transient failures.
-
-:func:`wait_running` and :func:`wait_deleted` are functions over :class:`Platform` rather than
-client methods: polling for a state is the same for any platform, and keeping them out of the
-interface keeps each platform down to its seven API calls.
-
-Settings are looked up in this order, the first one set wins: the argument (the provisioner's
-``api_url``/``api_key`` traits, the CLI's ``--api-url``/``--api-key``), the environment
-(``FLEXAI_API_URL``/``FLEXAI_API_KEY``), then the credentials file
-(:func:`credentials_path`, a JSON object with ``api_key`` and optionally ``api_url``), which
-must be private to its owner (mode 0600, as OpenSSH requires of private keys).
+carries an ``Idempotency-Key``), so every call is retried on transient failures. Where the API
+is and its key come from :mod:`~flexai_provisioner.credentials`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 import math
-import os
 import random
-import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import requests
-from jupyter_core.paths import jupyter_config_dir
 
 from . import __version__
+from .credentials import api_settings
 from .errors import (
     AuthenticationError,
-    ConfigurationError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
     PlatformError,
     PlatformUnreachableError,
-    ProvisioningError,
-    ProvisioningTimeoutError,
-    StartCancelledError,
     UnknownGPUTypeError,
 )
-from .platform import GPUType, Instance, InstanceState, Platform, SSHEndpoint
+from .gpu_platform import GPUType, Instance, InstanceState, Platform, SSHEndpoint
 
-__all__ = ["FlexAIClient", "credentials_path", "read_credentials", "wait_deleted", "wait_running"]
+__all__ = ["FlexAIClient"]
 
 log = logging.getLogger("flexai_provisioner.client")
 
@@ -63,8 +44,6 @@ T = TypeVar("T")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: Transport failures worth retrying (a broken chunked body is a connection dropped mid-answer).
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-_EMULATOR_HINT = "for local use, start `jupyter flexai emulator` and use the URL and key it prints"
-_CREDENTIAL_FIELDS = ("api_key", "api_url")
 
 
 class FlexAIClient(Platform):
@@ -98,13 +77,8 @@ class FlexAIClient(Platform):
         included, at most ``deadline`` seconds: an API that accepts connections and never
         answers is an error within ``deadline``.
         """
-        api_url = api_url or os.environ.get("FLEXAI_API_URL")
-        api_key = api_key or os.environ.get("FLEXAI_API_KEY")
-        if not (api_url and api_key):  # read only when needed: the environment may suffice
-            saved = read_credentials()
-            api_url, api_key = api_url or saved.get("api_url"), api_key or saved.get("api_key")
-        self.api_url = _check_url(api_url, allow_insecure)
-        self._auth = _BearerAuth(_check_key(api_key))
+        self.api_url, api_key = api_settings(api_url, api_key, allow_insecure=allow_insecure)
+        self._auth = _BearerAuth(api_key)
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._deadline = deadline
@@ -145,7 +119,7 @@ class FlexAIClient(Platform):
         ttl_seconds: int | None = None,
         idempotency_key: str | None = None,
     ) -> Instance:
-        """Request an instance; it starts ``pending``, see :func:`wait_running`.
+        """Request an instance; it starts ``pending``, see :func:`~.gpu_platform.wait_running`.
 
         The ``Idempotency-Key`` (a fresh uuid4 unless given) makes retries safe: a replay returns
         the instance the first attempt created. Pass your own key to retry across calls.
@@ -320,136 +294,6 @@ class FlexAIClient(Platform):
         )
 
 
-# -- waiting for a state, over any Platform ------------------------------------------------------
-
-
-def wait_running(
-    platform: Platform,
-    instance_id: str,
-    timeout: float,
-    *,
-    on_state: Callable[[Instance], None] | None = None,
-    cancel: threading.Event | None = None,
-) -> Instance:
-    """Poll until the instance is running with an SSH endpoint, and return it.
-
-    Polls every 20 ms for the first second (a fast platform is fast: a 100 ms poll would
-    add up to that to every start), then backs off, doubling up to 2 s.
-    ``on_state`` sees the instance whenever its state changes (for progress messages).
-    Setting ``cancel`` ends the wait between polls with ``StartCancelledError``; a request in
-    flight finishes first (bounded by the client's timeout and retries).
-    """
-    stop = cancel or threading.Event()
-    cancelled = f"cancelled while waiting for instance {instance_id} to start"
-    deadline = time.monotonic() + timeout
-    interval, last = 0.02, None
-    fast_until = time.monotonic() + 1.0
-    while True:
-        if stop.is_set():
-            raise StartCancelledError(cancelled)
-        instance = platform.get_instance(instance_id)
-        if instance.state != last:
-            last = instance.state
-            if on_state is not None:
-                on_state(instance)
-        if instance.state is InstanceState.RUNNING and instance.ssh is not None:
-            return instance
-        if instance.state is InstanceState.FAILED:
-            raise ProvisioningError(
-                f"instance {instance_id} failed to start: "
-                f"{instance.message or 'the platform gave no reason'}"
-            )
-        if instance.state in (InstanceState.STOPPING, InstanceState.STOPPED, InstanceState.DELETED):
-            raise ProvisioningError(
-                f"instance {instance_id} became {instance.state.value} before it was running"
-                f"{_note(instance)}"
-            )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProvisioningTimeoutError(
-                f"instance {instance_id} was still {instance.state.value} after {timeout:g} s"
-                f"{_note(instance)}; raise c.FlexAIProvisioner.provision_timeout to wait longer"
-            )
-        if stop.wait(min(interval, remaining)):
-            raise StartCancelledError(cancelled)
-        if time.monotonic() > fast_until:
-            interval = min(interval * 2, 2.0)
-
-
-def wait_deleted(platform: Platform, instance_id: str, timeout: float, poll: float = 0.2) -> None:
-    """Poll until the instance is ``deleted`` or gone (404), e.g. after a 202 from delete."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            instance = platform.get_instance(instance_id)
-        except NotFoundError:
-            return
-        if instance.state is InstanceState.DELETED:
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise PlatformError(
-                f"instance {instance_id} was still {instance.state.value} {timeout:g} s after "
-                "its deletion was requested; it may still be billed: delete it again later"
-            )
-        time.sleep(min(poll, remaining))
-
-
-# -- the credentials file ------------------------------------------------------------------------
-
-
-def credentials_path() -> Path:
-    """``$JUPYTER_CONFIG_DIR/flexai/credentials.json`` (``~/.jupyter/flexai/...`` by default)."""
-    return Path(jupyter_config_dir()) / "flexai" / "credentials.json"
-
-
-def read_credentials(path: Path | None = None) -> dict[str, str]:
-    """The settings saved in the credentials file; ``{}`` if there is none.
-
-    The file's mode and owner are checked on the open file itself, so it cannot be swapped
-    between the check and the read. Nothing of its content is ever put into an error.
-    """
-    path = path or credentials_path()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        raise ConfigurationError(
-            f"cannot read the FlexAI credentials file {path}: {e.strerror}"
-        ) from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigurationError(f"the FlexAI credentials file {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise ConfigurationError(
-                f"the FlexAI credentials file {path} belongs to another user (uid {st.st_uid}): "
-                "refusing to send its key; use a file of your own"
-            )
-        if st.st_mode & 0o077:
-            raise ConfigurationError(
-                f"the FlexAI credentials file {path} is accessible by other users "
-                f"(mode {st.st_mode & 0o777:04o}): run `chmod 600 {path}`, and replace the key "
-                "if others may have read it"
-            )
-        raw = f.read()
-    try:
-        saved = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        saved = None
-    if not (
-        isinstance(saved, dict)
-        and set(saved) <= set(_CREDENTIAL_FIELDS)
-        and all(isinstance(v, str) for v in saved.values())
-    ):
-        raise ConfigurationError(
-            f"the FlexAI credentials file {path} must be a JSON object holding only the strings "
-            'api_key and (optionally) api_url, like {"api_key": "..."}'
-        )
-    return saved
-
-
 # -- helpers -------------------------------------------------------------------------------------
 
 
@@ -465,54 +309,6 @@ class _BearerAuth(requests.auth.AuthBase):
 
     def __repr__(self) -> str:
         return "_BearerAuth(<hidden>)"
-
-
-def _check_url(url: str | None, allow_insecure: bool) -> str:
-    if not url:
-        raise ConfigurationError(
-            "no FlexAI API URL: set the FLEXAI_API_URL environment variable or api_url in "
-            f"{credentials_path()} ({_EMULATOR_HINT})"
-        )
-    try:
-        parts = urlsplit(url)
-        host, _ = parts.hostname, parts.port  # .port raises on a bad port
-    except ValueError:
-        host = None
-    if not host or parts.scheme not in ("http", "https"):
-        raise ConfigurationError(
-            f"FLEXAI_API_URL {url!r} is not an http(s) URL such as https://api.flex.ai"
-        )
-    if parts.username or parts.password:
-        raise ConfigurationError(
-            "FLEXAI_API_URL must not contain credentials; put the key in FLEXAI_API_KEY"
-        )
-    if parts.scheme == "http" and not allow_insecure and not _is_loopback(host):
-        raise ConfigurationError(
-            f"FLEXAI_API_URL {url!r} would send the API key unencrypted: use https for a "
-            "remote API (or allow_insecure=True if the network is trusted)"
-        )
-    return url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _check_key(key: str | None) -> str:
-    key = (key or "").strip()
-    if not key:
-        raise ConfigurationError(
-            "no FlexAI API key: set the FLEXAI_API_KEY environment variable or api_key in "
-            f"{credentials_path()}, mode 0600 ({_EMULATOR_HINT})"
-        )
-    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
-        raise ConfigurationError(
-            "FLEXAI_API_KEY contains spaces or characters that cannot be sent in an HTTP header"
-        )
-    return key
 
 
 def _instance_path(instance_id: str) -> str:
@@ -553,10 +349,6 @@ def _preview(resp: requests.Response) -> str:
 
 def _gave_up(attempts: int) -> str:
     return f" (gave up after {attempts} attempts)" if attempts > 1 else ""
-
-
-def _note(instance: Instance) -> str:
-    return f" ({instance.message})" if instance.message else ""
 
 
 def _strings(value: object) -> list[str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from .platform import Instance
+from .gpu_platform import Instance
 
 __all__ = [
     "PHASES",

@@ -36,7 +36,8 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
 from . import exit_cleanup, progress
-from .client import FlexAIClient, credentials_path
+from .client import FlexAIClient
+from .credentials import credentials_path
 from .errors import ConfigurationError, StartCancelledError, WorkspaceError
 from .kernelspecs import remote_argv
 from .ledger import Ledger

@@ -12,10 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .client import wait_deleted
 from .errors import FlexAIError, NotFoundError, PlatformError
+from .gpu_platform import InstanceState, Platform, wait_deleted
 from .ledger import Entry, Ledger, Owner
-from .platform import InstanceState, Platform
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ from typing import Any, Protocol, TypeVar
 from jupyter_core.paths import jupyter_runtime_dir
 
 from . import exit_cleanup
-from .client import wait_running
 from .errors import (
     FlexAIError,
     LedgerError,
@@ -39,8 +38,8 @@ from .errors import (
     StartCancelledError,
     WorkspaceError,
 )
+from .gpu_platform import Instance, InstanceState, Platform, wait_running
 from .ledger import Ledger, Owner
-from .platform import Instance, InstanceState, Platform
 from .reaper import LABEL_KERNEL, LABEL_REQUEST, delete_request, owner_labels
 from .remote_kernel import RemoteKernel, Standby
 from .ssh import KeyPair, SSHConnection, connect

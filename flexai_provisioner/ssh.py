@@ -41,7 +41,7 @@ from .errors import (
     SSHError,
     SSHTimeoutError,
 )
-from .platform import SSHEndpoint
+from .gpu_platform import SSHEndpoint
 
 __all__ = [
     "MAX_PACKET_SIZE",

@@ -42,7 +42,7 @@ import pathspec
 from jupyter_core.paths import jupyter_runtime_dir
 
 from .errors import SSHError, WorkspaceError, WorkspaceTooLargeError
-from .platform import SSHEndpoint
+from .gpu_platform import SSHEndpoint
 from .ssh import SFTPBatch, SSHConnection, connect, errors_mapped, load_private_key
 
 IGNORE_FILE = ".flexaiignore"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from flexai_provisioner.cli import build_parser
-from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
+from flexai_provisioner.client import FlexAIClient
+from flexai_provisioner.gpu_platform import Instance, wait_deleted, wait_running
 from flexai_provisioner.kernelspecs import kernelspec_dict
-from flexai_provisioner.platform import Instance
 from flexai_provisioner.ssh import generate_keypair
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from conftest import serving
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
+from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -31,7 +31,13 @@ from flexai_provisioner.errors import (
     ProvisioningTimeoutError,
     UnknownGPUTypeError,
 )
-from flexai_provisioner.platform import GPUType, Instance, InstanceState
+from flexai_provisioner.gpu_platform import (
+    GPUType,
+    Instance,
+    InstanceState,
+    wait_deleted,
+    wait_running,
+)
 
 # Retries in these tests wait milliseconds, not the production seconds.
 FAST = {"backoff": 0.01, "max_backoff": 0.05}

@@ -64,7 +64,7 @@ from flexai_provisioner.errors import (
     SSHError,
     UnknownGPUTypeError,
 )
-from flexai_provisioner.platform import InstanceState
+from flexai_provisioner.gpu_platform import InstanceState
 
 JUPYTER_FLEXAI = str(Path(sys.executable).with_name("jupyter-flexai"))
 PASSPHRASE = "correct horse battery staple"

@@ -19,8 +19,9 @@ import pytest
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF
 
 from flexai_provisioner import _paramiko
-from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
+from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import LocalPortError, SSHTimeoutError
+from flexai_provisioner.gpu_platform import wait_deleted, wait_running
 from flexai_provisioner.relay import CHUNK
 from flexai_provisioner.ssh import WINDOW_SIZE, SSHConnection, connect, generate_keypair, set_sink
 from flexai_provisioner.tunnel import Tunnel

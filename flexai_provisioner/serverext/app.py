@@ -38,8 +38,8 @@ from ..errors import (
     UnknownGPUTypeError,
     WorkspaceError,
 )
+from ..gpu_platform import GPUType, Instance
 from ..kernelspecs import KERNEL_NAME_PREFIX, PROVISIONER_NAME
-from ..platform import GPUType, Instance
 from ..provisioner import FlexAIProvisioner, starting
 
 SCHEMA_ID = "https://flex.ai/schemas/jupyter/compute/v1"
