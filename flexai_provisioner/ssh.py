@@ -43,12 +43,15 @@ from .errors import (
 )
 from .gpu_platform import SSHEndpoint
 
+SFTPClient = paramiko.SFTPClient  # what open_sftp returns: its users need not import paramiko
+
 __all__ = [
     "MAX_PACKET_SIZE",
     "TRANSPORT_LOG",
     "WINDOW_SIZE",
     "KeyPair",
     "SFTPBatch",
+    "SFTPClient",
     "SSHConnection",
     "close_quietly",
     "connect",
