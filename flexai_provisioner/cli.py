@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
@@ -33,6 +32,7 @@ from .gpu_platform import Instance, InstanceState
 from .kernelspecs import install_kernelspecs, kernel_name, kernelspec_dict
 from .ledger import Ledger
 from .reaper import reap_orphans
+from .rfc3339 import format_time
 from .workspace import files, megabytes, running_workspaces, state_path, sync_elsewhere
 
 PROG = "jupyter flexai"
@@ -103,15 +103,6 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> No
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _iso(moment: datetime | None) -> str | None:
-    """RFC 3339 in UTC with a ``Z``, as the API writes times."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- install ---------------------------------------------------------------------------
@@ -231,8 +222,8 @@ def _instance_json(instance: Instance) -> dict[str, Any]:
     """The instance as the API writes it (same field names, RFC 3339 times)."""
     data = dataclasses.asdict(instance)
     data["state"] = instance.state.value
-    data["created_at"] = _iso(instance.created_at)
-    data["expires_at"] = _iso(instance.expires_at)
+    data["created_at"] = format_time(instance.created_at)
+    data["expires_at"] = None if instance.expires_at is None else format_time(instance.expires_at)
     return data
 
 
@@ -249,7 +240,7 @@ def _run_instances(args: argparse.Namespace) -> int:
             i.state.value,
             i.gpu_type,
             i.gpu_count,
-            _iso(i.created_at),
+            format_time(i.created_at),
             f"{i.ssh.user}@{i.ssh.host}:{i.ssh.port}" if i.ssh else "-",
         )
         for i in instances

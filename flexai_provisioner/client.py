@@ -33,6 +33,7 @@ from .errors import (
     UnknownGPUTypeError,
 )
 from .gpu_platform import GPUType, Instance, InstanceState, Platform, SSHEndpoint
+from .rfc3339 import parse_time
 
 __all__ = ["FlexAIClient"]
 
@@ -381,13 +382,10 @@ def _kind(value: object) -> str:
 
 
 def _time(value: str) -> datetime:
-    try:  # Python 3.10's fromisoformat does not read "Z"
-        parsed = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
-    except ValueError:
-        raise _BadShape(f"{value!r} is not an RFC 3339 time") from None
-    if parsed.tzinfo is None:
-        raise _BadShape(f"{value!r} has no time zone")
-    return parsed
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise _BadShape(str(exc)) from None
 
 
 def _gpu_type(obj: object) -> GPUType:

@@ -41,6 +41,8 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def rfc3339(timestamp: float | None) -> str | None:
+    """The API's time format, written here again on purpose rather than imported from
+    ``flexai_provisioner.rfc3339``: the emulator stands in for another party's server."""
     if timestamp is None:
         return None
     return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
