@@ -161,6 +161,10 @@ class FlexAIClient(Platform):
     def heartbeat(self, instance_id: str) -> Instance:
         return self._call("POST", _instance_path(instance_id) + "/heartbeat", _instance)
 
+    def set_ttl(self, instance_id: str, ttl_seconds: int | None) -> Instance:
+        body = {"ttl_seconds": ttl_seconds}
+        return self._call("PATCH", _instance_path(instance_id), _instance, json=body)
+
     # -- HTTP ----------------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, parse: Callable[[Any], T], **kwargs: Any) -> T:

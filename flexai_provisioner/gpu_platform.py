@@ -6,7 +6,7 @@ SSH with no provisioning at all) plugs in by implementing the same few methods.
 
 :func:`wait_running` and :func:`wait_deleted` are functions over :class:`Platform` rather than
 methods of it: polling for a state is the same for any platform, and keeping them out of the
-interface keeps each platform down to its seven API calls.
+interface keeps each platform down to its eight API calls.
 """
 
 from __future__ import annotations
@@ -131,6 +131,11 @@ class Platform(abc.ABC):
     @abc.abstractmethod
     def heartbeat(self, instance_id: str) -> Instance:
         """Tell the platform the client is alive, pushing back the instance's expiry."""
+
+    @abc.abstractmethod
+    def set_ttl(self, instance_id: str, ttl_seconds: int | None) -> Instance:
+        """Expire the instance ``ttl_seconds`` from now unless heartbeats push it back, each
+        by that much (None: never)."""
 
 
 # -- waiting for a state ------------------------------------------------------------------------

@@ -281,6 +281,16 @@ def test_heartbeat_pushes_back_expiry(client: FlexAIClient, provision) -> None:
     assert beat.expires_at > instance.expires_at
 
 
+def test_set_ttl_replaces_the_lease(client: FlexAIClient, provision) -> None:
+    instance = provision(client, "L4", ttl_seconds=3600)
+    parked = client.set_ttl(instance.id, 60)
+    assert parked.ttl_seconds == 60
+    assert parked.expires_at is not None and instance.expires_at is not None
+    assert parked.expires_at < instance.expires_at
+    restored = client.set_ttl(instance.id, None)
+    assert restored.ttl_seconds is None and restored.expires_at is None
+
+
 def test_list_by_labels_requires_every_label(client: FlexAIClient, provision) -> None:
     run = uuid.uuid4().hex
     both = provision(client, "L4", labels={"run": run, "role": "a"})
@@ -342,7 +352,7 @@ def test_no_capacity_names_what_is_free(client: FlexAIClient, emulator) -> None:
 
 def test_not_found(client: FlexAIClient) -> None:
     calls = (client.get_instance, client.delete_instance, client.stop_instance, client.heartbeat)
-    for call in calls:
+    for call in (*calls, lambda instance_id: client.set_ttl(instance_id, 60)):
         with pytest.raises(NotFoundError) as info:
             call("inst-doesnotexist")
         assert (info.value.status, info.value.code) == (404, "not_found")

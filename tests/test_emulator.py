@@ -561,6 +561,36 @@ def test_heartbeat_without_ttl_keeps_no_expiry(api: Api) -> None:
     assert beat["ttl_seconds"] is None and beat["expires_at"] is None
 
 
+def test_patch_replaces_the_lease_and_heartbeats_renew_the_new_one(api: Api) -> None:
+    inst = api.running(ttl_seconds=3600)
+    path = f"/v1/instances/{inst['id']}"
+    short = api.request("PATCH", path, json={"ttl_seconds": 1})
+    assert short.status_code == 200, short.text
+    assert short.json()["ttl_seconds"] == 1 and short.json()["expires_at"] < inst["expires_at"]
+    beat = api.post(path + "/heartbeat").json()
+    assert beat["ttl_seconds"] == 1 and beat["expires_at"] < inst["expires_at"]
+    never = api.request("PATCH", path, json={"ttl_seconds": None}).json()
+    assert never["ttl_seconds"] is None and never["expires_at"] is None
+    assert api.request("PATCH", path, json={"ttl_seconds": 1}).status_code == 200
+    api.wait_state(inst["id"], "deleted", timeout=5)
+    after = api.request("PATCH", path, json={"ttl_seconds": 600})
+    assert after.status_code == 200 and after.json()["state"] == "deleted"
+    assert after.json()["ttl_seconds"] == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"ttl_seconds": 0}, {"ttl_seconds": "60"}, {"ttl_seconds": 60, "gpu_count": 2}, [60]],
+    ids=["empty", "zero", "string", "other-field", "not-object"],
+)
+def test_patch_refuses_anything_but_a_valid_ttl(api: Api, body: Any) -> None:
+    inst = api.provision(ttl_seconds=600).json()
+    answer = api.request("PATCH", f"/v1/instances/{inst['id']}", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "invalid_request"
+    assert api.instance(inst["id"])["ttl_seconds"] == 600
+
+
 # --- faults ---------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from .errors import ApiError, invalid, not_found
 from .faults import FaultInjector
 from .instances import Cloud
-from .validation import parse_json, parse_label_filter
+from .validation import parse_json, parse_label_filter, parse_update
 
 log = logging.getLogger("flexai_provisioner.emulator")
 
@@ -238,6 +238,11 @@ class Handler(BaseHTTPRequestHandler):
     def get_instance(self, account: str, params: dict[str, str]) -> tuple[int, Any]:
         return 200, self.server.cloud.get(account, params["id"])
 
+    def update_instance(self, account: str, params: dict[str, str]) -> tuple[int, Any]:
+        self.server.cloud.get(account, params["id"])  # a missing instance: 404 before any 400
+        ttl = parse_update(self._json_body())
+        return 200, self.server.cloud.set_ttl(account, params["id"], ttl)
+
     def delete_instance(self, account: str, params: dict[str, str]) -> tuple[int, Any]:
         return 200, self.server.cloud.delete(account, params["id"])
 
@@ -269,6 +274,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
         ("GET", "/v1/instances", Handler.list_instances),
         ("POST", "/v1/instances", Handler.provision),
         ("GET", f"/v1/instances/{_ID}", Handler.get_instance),
+        ("PATCH", f"/v1/instances/{_ID}", Handler.update_instance),
         ("DELETE", f"/v1/instances/{_ID}", Handler.delete_instance),
         ("POST", f"/v1/instances/{_ID}/stop", Handler.stop_instance),
         ("POST", f"/v1/instances/{_ID}/heartbeat", Handler.heartbeat),

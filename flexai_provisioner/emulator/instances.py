@@ -60,6 +60,8 @@ class Instance:
     directory: Path
     faults: Faults
     """The faults in force when it was created: later changes do not alter its fate."""
+    ttl_seconds: int | None = None
+    """The lease a heartbeat renews: the request's, until changed (``PATCH``)."""
     expires_at: float | None = None
     state: str = "pending"
     message: str = "queued"
@@ -81,7 +83,7 @@ class Instance:
             "price_per_hour": self.price_per_hour,
             "labels": dict(self.request.labels),
             "created_at": rfc3339(self.created_at),
-            "ttl_seconds": self.request.ttl_seconds,
+            "ttl_seconds": self.ttl_seconds,
             "expires_at": rfc3339(self.expires_at),
             "ssh": dict(self.ssh) if self.ssh else None,
             "message": self.message,
@@ -210,9 +212,21 @@ class Cloud:
     def heartbeat(self, account: str, instance_id: str) -> dict[str, Any]:
         with self.lock:
             inst = self._find(account, instance_id)
-            if inst.state != "deleted" and inst.request.ttl_seconds is not None:
-                inst.expires_at = time.time() + inst.request.ttl_seconds
+            if inst.state != "deleted" and inst.ttl_seconds is not None:
+                inst.expires_at = time.time() + inst.ttl_seconds
             return inst.to_json()
+
+    def set_ttl(self, account: str, instance_id: str, ttl: int | None) -> dict[str, Any]:
+        """Replace the lease: expiry ``ttl`` seconds from now (None: never), renewed by
+        heartbeats by that much from then on. A deleted instance is answered unchanged."""
+        with self.lock:
+            inst = self._find(account, instance_id)
+            if inst.state != "deleted":
+                inst.ttl_seconds = ttl
+                inst.expires_at = None if ttl is None else time.time() + ttl
+            snapshot = inst.to_json()
+        log.info("instance %s: ttl set to %s", instance_id, ttl)
+        return snapshot
 
     def stop(self, account: str, instance_id: str) -> dict[str, Any]:
         with self.lock:
@@ -250,6 +264,7 @@ class Cloud:
             created_at=now,
             directory=directory,
             faults=self.injector.snapshot(),
+            ttl_seconds=ttl,
             expires_at=None if ttl is None else now + ttl,
         )
         self._instances[instance_id] = inst

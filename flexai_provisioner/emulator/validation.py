@@ -69,9 +69,7 @@ def parse_provision(body: Any, gpu_types: list[str]) -> ProvisionRequest:
     except ValueError as exc:
         raise invalid(str(exc)) from None
     labels = check_labels({} if body.get("labels") is None else body["labels"])
-    ttl = body.get("ttl_seconds")
-    if ttl is not None and (not _is_int(ttl) or not 1 <= ttl <= MAX_TTL):
-        raise invalid(f"ttl_seconds must be null or an integer in 1..{MAX_TTL}")
+    ttl = _ttl(body.get("ttl_seconds"))
     if gpu_type not in gpu_types:
         raise ApiError(
             400,
@@ -80,6 +78,23 @@ def parse_provision(body: Any, gpu_types: list[str]) -> ProvisionRequest:
             extra={"gpu_types": gpu_types},
         )
     return ProvisionRequest(gpu_type, gpu_count, key, labels, ttl)
+
+
+def _ttl(ttl: Any) -> int | None:
+    if ttl is not None and (not _is_int(ttl) or not 1 <= ttl <= MAX_TTL):
+        raise invalid(f"ttl_seconds must be null or an integer in 1..{MAX_TTL}")
+    return ttl
+
+
+def parse_update(body: Any) -> int | None:
+    """Validate an instance update (``PATCH``): its new ``ttl_seconds``, the one field that
+    may change."""
+    if not isinstance(body, dict) or "ttl_seconds" not in body:
+        raise invalid('the body must be a JSON object with "ttl_seconds" (an integer or null)')
+    other = sorted(set(body) - {"ttl_seconds"})
+    if other:
+        raise invalid(f"only ttl_seconds can be changed, not {other[0][:40]!r}")
+    return _ttl(body["ttl_seconds"])
 
 
 def parse_label_filter(values: list[str]) -> dict[str, str]:
