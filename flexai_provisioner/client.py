@@ -15,6 +15,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -80,12 +81,9 @@ class FlexAIClient(Platform):
         """
         self.api_url, api_key = api_settings(api_url, api_key, allow_insecure=allow_insecure)
         self._auth = _BearerAuth(api_key)
-        self._timeout = timeout
-        self._connect_timeout = connect_timeout
-        self._deadline = deadline
-        self._max_retries = max_retries
-        self._backoff = backoff
-        self._max_backoff = max_backoff
+        self._retries = _Retries(
+            timeout, connect_timeout, deadline, max_retries, backoff, max_backoff
+        )
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
 
@@ -194,19 +192,19 @@ class FlexAIClient(Platform):
         """Return the first non-retryable response (or the last one) and the attempts made."""
         url = self.api_url + path
         headers = {"User-Agent": f"flexai-provisioner/{__version__}", **kwargs.pop("headers", {})}
-        attempt = 0
+        retries, attempt = self._retries, 0
         started = time.monotonic()
-        deadline = started + self._deadline
+        deadline = started + retries.deadline
         while True:
             remaining = max(deadline - time.monotonic(), 0.001)
-            read_timeout = min(self._timeout, remaining)
+            read_timeout = min(retries.timeout, remaining)
             try:
                 resp = self._session.request(
                     method,
                     url,
                     headers=headers,
                     auth=self._auth,  # an explicit auth also keeps ~/.netrc from replacing ours
-                    timeout=(min(self._connect_timeout, remaining), read_timeout),
+                    timeout=(min(retries.connect_timeout, remaining), read_timeout),
                     allow_redirects=False,
                     **kwargs,
                 )
@@ -221,8 +219,8 @@ class FlexAIClient(Platform):
                 if resp.status_code not in _RETRY_STATUSES:
                     return resp, attempt + 1
                 failure, retry_after = f"HTTP {resp.status_code}", _retry_after(resp)
-            delay = self._delay(attempt, retry_after)
-            if attempt == self._max_retries or time.monotonic() + delay >= deadline:
+            delay = retries.delay(attempt, retry_after)
+            if attempt == retries.max_retries or time.monotonic() + delay >= deadline:
                 if resp is not None:
                     return resp, attempt + 1
                 raise PlatformUnreachableError(
@@ -233,16 +231,9 @@ class FlexAIClient(Platform):
             attempt += 1
             log.debug(
                 "retrying %s %s after %s in %.2f s (retry %d of %d)",
-                method, path, failure, delay, attempt, self._max_retries,
+                method, path, failure, delay, attempt, retries.max_retries,
             )  # fmt: skip
             time.sleep(delay)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with jitter in its upper half, so retries always spread over
-        seconds (a ``Retry-After: 0`` storm must not use them all at once); a longer
-        Retry-After wins. Capped at ``max_backoff``."""
-        step = min(self._max_backoff, self._backoff * 2**attempt)
-        return min(max(retry_after or 0.0, random.uniform(step / 2, step)), self._max_backoff)
 
     def _reason(self, exc: Exception, timeout: float) -> str:
         if isinstance(exc, requests.Timeout):
@@ -273,23 +264,15 @@ class FlexAIClient(Platform):
             )
         if status in (404, 410):
             return NotFoundError(message, status=status, code=code)
+        if status in (400, 409) and code == "unknown_gpu_type":
+            known = _strings(error.get("gpu_types"))
+            message = _listing(message, "offered GPU types", known)
+            return UnknownGPUTypeError(message, known=known, status=status, code=code)
+        if status in (400, 409) and code == "no_capacity":
+            available = _strings(error.get("available"))
+            message = _listing(message, "GPU types free right now", available)
+            return NoCapacityError(message, available=available, status=status, code=code)
         if status in (400, 409):
-            if code == "unknown_gpu_type":
-                known = _strings(error.get("gpu_types"))
-                return UnknownGPUTypeError(
-                    f"{message}; offered GPU types: {', '.join(known) or 'none'}",
-                    known=known,
-                    status=status,
-                    code=code,
-                )
-            if code == "no_capacity":
-                available = _strings(error.get("available"))
-                return NoCapacityError(
-                    f"{message}; GPU types free right now: {', '.join(available) or 'none'}",
-                    available=available,
-                    status=status,
-                    code=code,
-                )
             return InvalidRequestError(message, status=status, code=code)
         return PlatformError(
             f"the FlexAI API failed {method} {path} with HTTP {status} {code}{_gave_up(attempts)}"
@@ -300,6 +283,25 @@ class FlexAIClient(Platform):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Retries:
+    """How long one request and one call may take, and how a call's attempts are spaced."""
+
+    timeout: float
+    connect_timeout: float
+    deadline: float
+    max_retries: int
+    backoff: float
+    max_backoff: float
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter in its upper half, so retries always spread over
+        seconds (a ``Retry-After: 0`` storm must not use them all at once); a longer
+        Retry-After wins. Capped at ``max_backoff``."""
+        step = min(self.max_backoff, self.backoff * 2**attempt)
+        return min(max(retry_after or 0.0, random.uniform(step / 2, step)), self.max_backoff)
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -354,6 +356,12 @@ def _preview(resp: requests.Response) -> str:
 
 def _gave_up(attempts: int) -> str:
     return f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+
+
+def _listing(message: str, what: str, names: list[str]) -> str:
+    """The message with the GPU types it is about ("...; GPU types free right now: A100, L4"),
+    which JupyterLab's extension reads back to suggest a type."""
+    return f"{message}; {what}: {', '.join(names) or 'none'}"
 
 
 def _strings(value: object) -> list[str]:
