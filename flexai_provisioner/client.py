@@ -16,13 +16,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import requests
 
-from . import __version__
+from . import __version__, api_json
 from .credentials import api_settings
 from .errors import (
     AuthenticationError,
@@ -33,8 +32,7 @@ from .errors import (
     PlatformUnreachableError,
     UnknownGPUTypeError,
 )
-from .gpu_platform import GPUType, Instance, InstanceState, Platform, SSHEndpoint
-from .rfc3339 import parse_time
+from .gpu_platform import GPUType, Instance, Platform
 
 __all__ = ["FlexAIClient"]
 
@@ -104,9 +102,7 @@ class FlexAIClient(Platform):
     # -- the Platform interface --------------------------------------------------------------
 
     def list_gpu_types(self) -> list[GPUType]:
-        return self._call(
-            "GET", "/v1/gpu-types", lambda b: [_gpu_type(g) for g in _get(b, "gpu_types", list)]
-        )
+        return self._call("GET", "/v1/gpu-types", api_json.gpu_types)
 
     def provision(
         self,
@@ -131,22 +127,17 @@ class FlexAIClient(Platform):
             "ttl_seconds": ttl_seconds,
         }
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
-        return self._call("POST", "/v1/instances", _instance, json=body, headers=headers)
+        return self._call("POST", "/v1/instances", api_json.instance, json=body, headers=headers)
 
     def get_instance(self, instance_id: str) -> Instance:
-        return self._call("GET", _instance_path(instance_id), _instance)
+        return self._call("GET", _instance_path(instance_id), api_json.instance)
 
     def list_instances(self, labels: dict[str, str] | None = None) -> list[Instance]:
         params = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
-        return self._call(
-            "GET",
-            "/v1/instances",
-            lambda b: [_instance(i) for i in _get(b, "instances", list)],
-            params=params,
-        )
+        return self._call("GET", "/v1/instances", api_json.instances, params=params)
 
     def stop_instance(self, instance_id: str) -> Instance:
-        return self._call("POST", _instance_path(instance_id) + "/stop", _instance)
+        return self._call("POST", _instance_path(instance_id) + "/stop", api_json.instance)
 
     def delete_instance(self, instance_id: str) -> Instance:
         """Delete; the result is ``deleted``, or ``stopping`` while under way (see wait_deleted).
@@ -154,14 +145,14 @@ class FlexAIClient(Platform):
         A missing instance raises :class:`NotFoundError`: whether that means "already gone" or
         "wrong id" is the caller's call.
         """
-        return self._call("DELETE", _instance_path(instance_id), _instance)
+        return self._call("DELETE", _instance_path(instance_id), api_json.instance)
 
     def heartbeat(self, instance_id: str) -> Instance:
-        return self._call("POST", _instance_path(instance_id) + "/heartbeat", _instance)
+        return self._call("POST", _instance_path(instance_id) + "/heartbeat", api_json.instance)
 
     def set_ttl(self, instance_id: str, ttl_seconds: int | None) -> Instance:
         body = {"ttl_seconds": ttl_seconds}
-        return self._call("PATCH", _instance_path(instance_id), _instance, json=body)
+        return self._call("PATCH", _instance_path(instance_id), api_json.instance, json=body)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -181,7 +172,7 @@ class FlexAIClient(Platform):
             ) from None
         try:
             return parse(body)
-        except _BadShape as exc:
+        except api_json.BadShape as exc:
             raise PlatformError(
                 f"{self.api_url} answered {method} {path} with HTTP {status} but JSON that is "
                 f"not the FlexAI API's ({exc}); is FLEXAI_API_URL the FlexAI API?",
@@ -246,9 +237,10 @@ class FlexAIClient(Platform):
         """Map an error answer to the exception whose name says what happened."""
         status = resp.status_code
         try:
-            error = _get(resp.json(), "error", dict)
-            code, message = _get(error, "code", str), _get(error, "message", str, required=False)
-        except (ValueError, _BadShape):
+            error = api_json.field(resp.json(), "error", dict)
+            code = api_json.field(error, "code", str)
+            message = api_json.field(error, "message", str, required=False)
+        except (ValueError, api_json.BadShape):
             return PlatformError(
                 f"{self.api_url} answered {method} {path} with HTTP {status} {resp.reason}".rstrip()
                 + f"{_gave_up(attempts)}, not a FlexAI API error ({_preview(resp)})",
@@ -265,11 +257,11 @@ class FlexAIClient(Platform):
         if status in (404, 410):
             return NotFoundError(message, status=status, code=code)
         if status in (400, 409) and code == "unknown_gpu_type":
-            known = _strings(error.get("gpu_types"))
+            known = api_json.strings(error.get("gpu_types"))
             message = _listing(message, "offered GPU types", known)
             return UnknownGPUTypeError(message, known=known, status=status, code=code)
         if status in (400, 409) and code == "no_capacity":
-            available = _strings(error.get("available"))
+            available = api_json.strings(error.get("available"))
             message = _listing(message, "GPU types free right now", available)
             return NoCapacityError(message, available=available, status=status, code=code)
         if status in (400, 409):
@@ -362,83 +354,3 @@ def _listing(message: str, what: str, names: list[str]) -> str:
     """The message with the GPU types it is about ("...; GPU types free right now: A100, L4"),
     which JupyterLab's extension reads back to suggest a type."""
     return f"{message}; {what}: {', '.join(names) or 'none'}"
-
-
-def _strings(value: object) -> list[str]:
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-# -- parsing: every shape problem becomes _BadShape, reported as a PlatformError -------------
-
-
-class _BadShape(Exception):
-    """The JSON is not what the API documents."""
-
-
-def _get(obj: object, key: str, kind: type | tuple[type, ...], *, required: bool = True) -> Any:
-    if not isinstance(obj, dict):
-        raise _BadShape(f"expected an object holding {key!r}, got {_kind(obj)}")
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise _BadShape(f"missing {key!r}")
-        return None
-    if isinstance(value, bool) or not isinstance(value, kind):  # no API field is a boolean
-        raise _BadShape(f"{key!r} is {_kind(value)}")
-    return value
-
-
-def _kind(value: object) -> str:
-    names = {dict: "an object", list: "a list", str: "a string"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _time(value: str) -> datetime:
-    try:
-        return parse_time(value)
-    except ValueError as exc:
-        raise _BadShape(str(exc)) from None
-
-
-def _gpu_type(obj: object) -> GPUType:
-    return GPUType(
-        name=_get(obj, "name", str),
-        memory_gb=_get(obj, "memory_gb", int),
-        price_per_hour=float(_get(obj, "price_per_hour", (int, float))),
-        available=_get(obj, "available", int),
-    )
-
-
-def _instance(obj: object) -> Instance:
-    state_name = _get(obj, "state", str)
-    try:
-        state = InstanceState(state_name)
-    except ValueError:
-        raise _BadShape(f"unknown state {state_name!r}") from None
-    labels = _get(obj, "labels", dict, required=False) or {}
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise _BadShape("'labels' holds non-string values")
-    ssh = _get(obj, "ssh", dict, required=False)
-    expires_at = _get(obj, "expires_at", str, required=False)
-    return Instance(
-        id=_get(obj, "id", str),
-        gpu_type=_get(obj, "gpu_type", str),
-        gpu_count=_get(obj, "gpu_count", int),
-        state=state,
-        price_per_hour=float(_get(obj, "price_per_hour", (int, float))),
-        created_at=_time(_get(obj, "created_at", str)),
-        labels=dict(labels),
-        ssh=None if ssh is None else _ssh(ssh),
-        ttl_seconds=_get(obj, "ttl_seconds", int, required=False),
-        expires_at=None if expires_at is None else _time(expires_at),
-        message=_get(obj, "message", str, required=False) or "",
-    )
-
-
-def _ssh(obj: dict[str, Any]) -> SSHEndpoint:
-    return SSHEndpoint(
-        host=_get(obj, "host", str),
-        port=_get(obj, "port", int),
-        user=_get(obj, "user", str),
-        host_key_fingerprint=_get(obj, "host_key_fingerprint", str),
-    )
