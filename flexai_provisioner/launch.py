@@ -39,13 +39,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import progress
+from . import executor, progress
 from .client import FlexAIClient
 from .errors import ConfigurationError, FlexAIError
 from .kernelspecs import check_gpu_count, ipykernel_argv, kernel_name
 from .ledger import Ledger
 from .reaper import reap_and_report
-from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings, Supervisor
+from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings
 from .ssh import TRANSPORT_LOG, generate_keypair
 
 PROG = "python -m flexai_provisioner.launch"
@@ -118,9 +118,7 @@ class Launcher:
         parent = os.getppid()
         platform = FlexAIClient()
         ledger = Ledger()
-        Supervisor.instance().submit(
-            lambda: reap_and_report(platform, ledger, platform.api_url, log)
-        )
+        executor.submit(lambda: reap_and_report(platform, ledger, platform.api_url, log))
         session = InstanceSession(
             platform,
             ledger,

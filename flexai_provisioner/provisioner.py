@@ -35,14 +35,14 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
-from . import exit_cleanup, progress
+from . import executor, exit_cleanup, progress
 from .client import FlexAIClient
 from .credentials import credentials_path
 from .errors import ConfigurationError, StartCancelledError, WorkspaceError
 from .kernelspecs import remote_argv
 from .ledger import Ledger
 from .reaper import reap_and_report
-from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings, Supervisor
+from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings
 from .ssh import KeyPair, generate_keypair, load_private_key
 from .workspace import SyncReport
 
@@ -368,9 +368,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         ledger = Ledger()
         if self.reap_orphans_at_start:
             # In the background: an orphan's deletion must not delay this kernel's start.
-            Supervisor.instance().submit(
-                lambda: reap_and_report(platform, ledger, platform.api_url, self.log)
-            )
+            executor.submit(lambda: reap_and_report(platform, ledger, platform.api_url, self.log))
         key = await self._in_thread(self._keypair)
         session = InstanceSession(
             platform, ledger, platform.api_url, key, self._settings(), self.log

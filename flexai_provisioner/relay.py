@@ -1,10 +1,10 @@
 """The process-wide relay thread: every forwarded connection of every tunnel, one selector.
 
 One thread relays every connection with large reads and no per-message thread hops; only
-opening a channel (a round trip) happens in a small worker pool so that it never stalls
-the relay. Channel data reaches the local socket in the SSH transport's own thread where
-the transport supports it (:func:`ssh.set_sink`), else through ``chan.fileno()`` and
-``recv()`` on this thread.
+opening a channel (a round trip) happens in the process's worker pool (:mod:`.executor`)
+so that it never stalls the relay. Channel data reaches the local socket in the SSH
+transport's own thread where the transport supports it (:func:`ssh.set_sink`), else
+through ``chan.fileno()`` and ``recv()`` on this thread.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import selectors
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import paramiko
 
+from . import executor
 from .ssh import close_quietly, consumed, grant, set_sink
 
 log = logging.getLogger(__name__)
@@ -55,17 +55,7 @@ class Pipe:
 
 
 class Forwarder:
-    """The process-wide relay thread. Use :meth:`instance`."""
-
-    _instance: Forwarder | None = None
-    _instance_lock = threading.Lock()
-
-    @classmethod
-    def instance(cls) -> Forwarder:
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
+    """The relay thread and its selector; :data:`forwarder` gives the process's one."""
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
@@ -75,7 +65,6 @@ class Forwarder:
         os.set_blocking(self._wake_r, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stalled: set[Pipe] = set()
-        self._opener = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexai-chan-open")
         threading.Thread(target=self._run, name="flexai-forwarder", daemon=True).start()
 
     def call(self, fn: Callable[[], None]) -> None:
@@ -87,7 +76,8 @@ class Forwarder:
             os.write(self._wake_w, b"x")
 
     def open_channel(self, fn: Callable[[], None]) -> None:
-        self._opener.submit(fn)
+        """Run ``fn``, which opens a channel (a round trip), off the relay thread."""
+        executor.submit(fn)
 
     def _run(self) -> None:
         while True:
@@ -308,3 +298,7 @@ class Forwarder:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(sock)
         sock.close()
+
+
+#: The process's one relay thread, started on first use.
+forwarder = executor.one_per_process(Forwarder)

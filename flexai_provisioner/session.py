@@ -13,7 +13,6 @@ not anyone drives the Jupyter event loop (``jupyter execute`` only runs it insid
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -21,17 +20,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from jupyter_core.paths import jupyter_runtime_dir
 
-from . import exit_cleanup
+from . import executor, exit_cleanup, supervisor
+from .deletion import OwedDeletion
 from .errors import (
     FlexAIError,
-    LedgerError,
     NotFoundError,
     PlatformError,
     SSHError,
@@ -40,13 +39,11 @@ from .errors import (
 )
 from .gpu_platform import Instance, InstanceState, Platform, wait_running
 from .ledger import Ledger, Owner
-from .reaper import LABEL_KERNEL, LABEL_REQUEST, delete_request, owner_labels
+from .reaper import LABEL_KERNEL, LABEL_REQUEST, owner_labels
 from .remote_kernel import RemoteKernel, Standby
 from .ssh import KeyPair, SSHConnection, connect
 from .tunnel import Tunnel
 from .workspace import SyncReport, Workspace, state_path
-
-T = TypeVar("T")
 
 PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
 
@@ -154,7 +151,7 @@ class InstanceSession:
         self.log.info(
             "FlexAI instance %s requested (%s x%d)", self.instance.id, gpu_type, gpu_count
         )
-        Supervisor.instance().add(self)
+        supervisor.watch(self)
 
         def on_state(inst: Instance) -> None:
             if inst.state is InstanceState.PENDING:
@@ -293,9 +290,7 @@ class InstanceSession:
         conn = self.conn
         if not self.settings.preload_kernel or conn is None or self._standby is not None:
             return
-        self._standby = Supervisor.instance().submit(
-            lambda: Standby.open(conn, self.settings.remote_python)
-        )
+        self._standby = executor.submit(lambda: Standby.open(conn, self.settings.remote_python))
 
     def _take_standby(self) -> Standby | None:
         """The standby, once it is open, if opening it worked (else a new agent does)."""
@@ -331,7 +326,7 @@ class InstanceSession:
         if self.instance.state is not InstanceState.RUNNING or self.instance.ssh is None:
             raise FlexAIError(f"instance {instance_id} is {self.instance.state.value}, not running")
         exit_cleanup.register(self)
-        Supervisor.instance().add(self)
+        supervisor.watch(self)
         self.conn = self._connect()
         self.tunnel = Tunnel(PORT_NAMES, local_ports)
         self._attach(kernel["pid"], kernel["ports"], kernel["workdir"])
@@ -407,7 +402,7 @@ class InstanceSession:
         ttl = self.settings.instance_ttl
         if ttl and now >= self._next_heartbeat:
             self._next_heartbeat = now + max(1.0, ttl / 3)
-            Supervisor.instance().submit(self._heartbeat)
+            executor.submit(self._heartbeat)
         self._check_link(now)
         if (
             self.conn is not None
@@ -418,7 +413,7 @@ class InstanceSession:
             self._reconnecting = True
             if self.tunnel is not None:
                 self.tunnel.disconnect()
-            Supervisor.instance().submit(self._reconnect)
+            executor.submit(self._reconnect)
 
     def _check_link(self, now: float) -> None:
         """Ping the agent each keepalive interval; a link silent for three is dead.
@@ -441,7 +436,7 @@ class InstanceSession:
             conn.close()  # the reconnect below takes over
         elif now >= self._next_ping:
             self._next_ping = now + interval
-            Supervisor.instance().submit(kernel.ping)
+            executor.submit(kernel.ping)
 
     def _heartbeat(self) -> None:
         assert self.instance is not None
@@ -505,14 +500,14 @@ class InstanceSession:
     def reusable(self) -> bool:
         """Whether a restart can keep this instance: it is not lost, once any reconnect that is
         due or under way has ended (bounded by ``reconnect_timeout``)."""
-        deadline = time.monotonic() + self.settings.reconnect_timeout + 5 * Supervisor.INTERVAL
+        deadline = time.monotonic() + self.settings.reconnect_timeout + 5 * supervisor.INTERVAL
         while (
             self.lost_reason is None
             and not self._closed
             and not self.connected
             and time.monotonic() < deadline
         ):
-            time.sleep(Supervisor.INTERVAL / 5)
+            time.sleep(supervisor.INTERVAL / 5)
         return self.lost_reason is None and self.connected
 
     # -- stop ----------------------------------------------------------------------------
@@ -539,7 +534,7 @@ class InstanceSession:
                 return
             self._closed = True
         try:
-            Supervisor.instance().remove(self)
+            supervisor.unwatch(self)
             if self.kernel is not None:
                 self.kernel.detach()
                 self.kernel = None
@@ -604,152 +599,3 @@ class InstanceSession:
 def _close_standby(future: Future[Standby]) -> None:
     if future.exception() is None:
         future.result().close()
-
-
-class OwedDeletion:
-    """The deletion of one request's instance, tried until the platform confirms it.
-
-    The first failure is recorded in the ledger (so ``gc`` retries it, whoever the owner)
-    and handed to the supervisor, which retries with capped backoff while the process runs
-    and once more as the process exits.
-    """
-
-    FIRST_DELAY = 1.0
-    MAX_DELAY = 20.0
-
-    def __init__(
-        self,
-        platform: Platform,
-        ledger: Ledger,
-        request_key: str,
-        instance_id: str | None,
-        timeout: float,
-        log: logging.Logger,
-    ):
-        self.platform = platform
-        self.ledger = ledger
-        self.request_key = request_key
-        self.instance_id = instance_id
-        self.timeout = timeout
-        self.log = log
-        self.delay = self.FIRST_DELAY
-        self.due = 0.0
-        self.running = False
-        self.done = False
-
-    def attempt(self) -> None:
-        """Delete (finding the instance by its request label if the POST never answered) and
-        close the ledger row; raises :class:`PlatformError` if the platform failed."""
-        self.instance_id = delete_request(
-            self.platform, self.request_key, self.instance_id, self.timeout
-        )
-        if self.instance_id is not None:
-            self.log.info("FlexAI instance %s deleted", self.instance_id)
-        self.done = True
-        try:
-            self.ledger.mark_deleted(self.request_key)
-        except LedgerError as e:  # the instance is gone: a later gc finds the row and agrees
-            self.log.warning("%s", e)
-
-    def owe(self, error: PlatformError) -> None:
-        what = f"instance {self.instance_id}" if self.instance_id else (
-            f"the instance of request {self.request_key} (if it was created)"
-        )  # fmt: skip
-        try:
-            self.ledger.mark_owed(self.request_key, str(error).splitlines()[0][:200])
-            later = "`jupyter flexai gc` retries it after that"
-        except LedgerError as e:
-            later = f"but the ledger failed ({e})"
-        self.log.warning(
-            "could not delete FlexAI %s, which may still be billed (%s): this process keeps "
-            "retrying while it runs; %s",
-            what,
-            error,
-            later,
-        )
-        exit_cleanup.register(self)
-        self.due = time.monotonic() + self.delay
-        Supervisor.instance().owe(self)
-
-    def retry(self) -> None:
-        """One supervisor retry; on failure the next is scheduled, twice as late (capped)."""
-        try:
-            self.attempt()
-        except FlexAIError as e:
-            self.delay = min(self.delay * 2, self.MAX_DELAY)
-            self.due = time.monotonic() + self.delay * (0.5 + random.random() / 2)
-            self.log.debug("owed deletion of %s failed again: %s", self.instance_id, e)
-        else:
-            exit_cleanup.unregister(self)
-        finally:
-            self.running = False
-
-    def teardown(self) -> None:
-        """At exit: one last try (the ledger row keeps it owed if this fails too)."""
-        if not self.done:
-            with contextlib.suppress(FlexAIError):
-                self.attempt()
-
-
-class Supervisor:
-    """The one thread per process that keeps every session's link and lease alive."""
-
-    _instance: Supervisor | None = None
-    _lock = threading.Lock()
-    INTERVAL = 0.5
-
-    @classmethod
-    def instance(cls) -> Supervisor:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-    def __init__(self) -> None:
-        self._sessions: set[InstanceSession] = set()
-        self._owed: list[OwedDeletion] = []
-        self._sessions_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexai-supervisor")
-        threading.Thread(target=self._run, name="flexai-supervisor", daemon=True).start()
-
-    def add(self, session: InstanceSession) -> None:
-        with self._sessions_lock:
-            self._sessions.add(session)
-
-    def remove(self, session: InstanceSession) -> None:
-        with self._sessions_lock:
-            self._sessions.discard(session)
-
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
-        return self._pool.submit(fn)
-
-    def owe(self, deletion: OwedDeletion) -> None:
-        """Retry ``deletion`` when due until it succeeds."""
-        with self._sessions_lock:
-            self._owed.append(deletion)
-
-    def _retry_owed(self, now: float) -> None:
-        with self._sessions_lock:
-            self._owed = [d for d in self._owed if not d.done]
-            due = [d for d in self._owed if not d.running and now >= d.due]
-            for deletion in due:
-                deletion.running = True
-        for deletion in due:
-            try:
-                self.submit(deletion.retry)
-            except RuntimeError:  # the interpreter is exiting: exit_cleanup makes the last try
-                deletion.running = False
-                return
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.INTERVAL)
-            with self._sessions_lock:
-                sessions = list(self._sessions)
-            now = time.monotonic()
-            self._retry_owed(now)
-            for session in sessions:
-                try:
-                    session.tick(now)
-                except Exception:
-                    session.log.exception("FlexAI supervisor tick failed")

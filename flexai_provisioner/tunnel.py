@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import paramiko
 
+from . import relay
 from .errors import LocalPortError, SSHChannelRefusedError, SSHError
 from .relay import Forwarder, Pipe
 from .ssh import close_quietly, open_forward
@@ -46,7 +47,7 @@ class Tunnel:
     ):
         """Listen on ``ports`` (by name) where free, elsewhere on any free port; with
         ``exact``, on exactly ``ports`` or raise :class:`LocalPortError`."""
-        self._fwd = forwarder or Forwarder.instance()
+        self._fwd = forwarder or relay.forwarder()
         self._transport: paramiko.Transport | None = None
         self._targets: dict[str, int] = {}
         self._generation = 0  # bumped by every retarget, disconnect and close
