@@ -34,6 +34,7 @@ __all__ = [
     "log_event",
     "publish",
     "registry",
+    "report_instance",
     "report_shutdown",
     "reporter",
     "subscribe",
@@ -95,6 +96,8 @@ class PhaseEvent:
                 f"shut down; instance {self.instance_id} ran "
                 f"{timedelta(seconds=round(self.elapsed))}{cost}"
             )
+        if self.phase == "limit reached":
+            return f"{self.message}; shutting it down"
         text = f"{self.phase} ({self.elapsed:.1f}s)"
         if self.phase == "ready" and self.instance_id:
             text += f" on instance {self.instance_id}"
@@ -175,14 +178,15 @@ subscribe = registry.subscribe
 
 
 def log_event(log: logging.Logger | logging.LoggerAdapter[Any], event: PhaseEvent) -> None:
-    """Log the event at INFO; print it to stderr too if logging would drop it.
+    """Log the event at INFO (a limit's shutdown at WARNING); print it to stderr too if
+    logging would drop it.
 
     Under a Jupyter app (server, ``jupyter execute``) the app's log handler shows the line.
     A script driving nbclient usually configured no logging at all, and a start that takes
     minutes must not look hung, so then the line goes to stderr directly.
     """
     text = f"FlexAI kernel {event.kernel_id}: {event.describe()}"
-    log.info("%s", text)
+    log.log(logging.WARNING if event.phase == "limit reached" else logging.INFO, "%s", text)
     if not _has_handler(log):
         print(text, file=sys.stderr, flush=True)
 
@@ -212,19 +216,32 @@ def reporter(
     return report
 
 
+def report_instance(
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    kernel_id: str,
+    phase: str,
+    instance: Instance | None,
+    message: str = "",
+) -> PhaseEvent:
+    """Publish and log a note about a kernel's instance (``lost``, ``limit reached``, ``shut
+    down``), timed from the instance's creation; ``shut down`` carries what it cost."""
+    event = registry.publish(
+        kernel_id,
+        phase,
+        instance.uptime() if instance else 0.0,
+        instance_id=instance.id if instance else None,
+        cost_usd=instance.cost() if instance and phase == "shut down" else None,
+        message=message,
+    )
+    log_event(log, event)
+    return event
+
+
 def report_shutdown(
     log: logging.Logger | logging.LoggerAdapter[Any], kernel_id: str, instance: Instance | None
 ) -> PhaseEvent:
     """Publish and log a kernel's last note: how long its instance ran and what it cost."""
-    event = registry.publish(
-        kernel_id,
-        "shut down",
-        instance.uptime() if instance else 0.0,
-        instance_id=instance.id if instance else None,
-        cost_usd=instance.cost() if instance else None,
-    )
-    log_event(log, event)
-    return event
+    return report_instance(log, kernel_id, "shut down", instance)
 
 
 def _has_handler(log: logging.Logger | logging.LoggerAdapter[Any]) -> bool:

@@ -487,14 +487,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         phase with the reason, for the server extension's model and events."""
         session = self._session
         instance = session.instance if session is not None else None
-        event = progress.publish(
-            self.kernel_id,
-            "lost",
-            instance.uptime() if instance is not None else 0.0,
-            instance_id=instance.id if instance is not None else None,
-            message=reason,
-        )
-        progress.log_event(self.log, event)
+        progress.report_instance(self.log, self.kernel_id, "lost", instance, reason)
 
     def _report_dead(self) -> None:
         """Tell jupyter_client's auto-restarter that this kernel is dead for good.

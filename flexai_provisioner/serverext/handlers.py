@@ -15,7 +15,8 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
 from .. import progress
-from .app import ComputeError, FlexAIExtension, progress_model
+from .manager import ComputeManager
+from .models import ComputeError, progress_model
 
 _ID = r"(?P<{}>[^/]+)"
 
@@ -25,9 +26,9 @@ class ComputeHandler(ExtensionHandlerMixin, APIHandler):
 
     auth_resource = "kernels"
 
-    @property
-    def compute(self) -> FlexAIExtension:
-        return self.extensionapp  # type: ignore[return-value]
+    def initialize(self, name: str, compute: ComputeManager) -> None:
+        super().initialize(name)
+        self.compute = compute
 
     def reply(self, model: dict[str, Any], status: int = 200) -> None:
         self.set_status(status)
@@ -94,7 +95,7 @@ class InstancesHandler(ComputeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        models = await self.compute.instance_models(self.compute.flexai_kernels())
+        models = await self.compute.instance_models()
         self.reply({"instances": models})
 
 
@@ -123,14 +124,14 @@ class ProgressHandler(ComputeHandler):
     @web.authenticated
     @authorized
     async def get(self, kernel_id: str | None = None) -> None:
+        root = self.compute.root_dir
         if kernel_id is None:
-            root = self.compute.serverapp.root_dir
             kernels = progress.registry.kernel_ids()
             self.reply({"kernels": [progress_model(k, root) for k in kernels]})
             return
         if not progress.history(kernel_id):
             raise ComputeError(404, f"no FlexAI kernel {kernel_id} has started on this server")
-        self.reply(progress_model(kernel_id, self.compute.serverapp.root_dir))
+        self.reply(progress_model(kernel_id, root))
 
 
 class HealthHandler(ComputeHandler):
