@@ -104,6 +104,17 @@ def test_an_unreachable_platform_is_reported_not_raised(jupyter_server):
         assert "cannot reach the FlexAI API" in error(server.get("api/compute/available"), 503)
 
 
+def test_the_provisioners_config_names_the_platform_over_the_environment(jupyter_server, emulator):
+    with closed_port() as port:
+        server = jupyter_server(
+            f"--FlexAIProvisioner.api_url={emulator.url}",
+            env={"FLEXAI_API_URL": f"http://127.0.0.1:{port}"},
+        )
+        health = ok(server.get("api/compute/health"))
+        assert health["platform"] == {"ok": True, "api_url": emulator.url, "gpu_types": 4}
+        assert "A100" in [t["name"] for t in ok(server.get("api/compute/available"))["gpu_types"]]
+
+
 def test_an_unconfigured_platform_is_reported(jupyter_server):
     server = jupyter_server(env={"FLEXAI_API_URL": ""})
     health = ok(server.get("api/compute/health"))
