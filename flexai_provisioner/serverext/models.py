@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..gpu_platform import Instance
 from ..provisioner import FlexAIProvisioner
+from ..rfc3339 import format_time
 from ..workspace import SyncReport
 
 
@@ -59,12 +60,9 @@ def http_error(error: FlexAIError) -> ComputeError:
     return ComputeError(502, str(error))
 
 
-def iso(moment: datetime | float) -> str:
-    """RFC 3339 in UTC, as the FlexAI API writes times."""
-    if not isinstance(moment, datetime):
-        moment = datetime.fromtimestamp(moment, timezone.utc)
-    text = moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
+def _time(moment: datetime | float) -> str:
+    """RFC 3339 in UTC to the millisecond: phases can be less than a second apart."""
+    return format_time(moment, timespec="milliseconds")
 
 
 def notebook_path(event: progress.PhaseEvent, root: str) -> str | None:
@@ -83,7 +81,7 @@ def phase_model(event: progress.PhaseEvent, root: str) -> dict[str, Any]:
     model: dict[str, Any] = {
         "phase": event.phase,
         "elapsed_seconds": round(event.elapsed, 3),
-        "time": iso(event.time),
+        "time": _time(event.time),
         "instance_id": event.instance_id,
     }
     if event.cost_usd is not None:
@@ -140,7 +138,7 @@ def instance_model(
         "lost_reason": provisioner.lost_reason,
         "gpu_type": known.gpu_type if known else provisioner.gpu_type,
         "gpu_count": known.gpu_count if known else provisioner.gpu_count,
-        "created_at": iso(known.created_at) if known else None,
+        "created_at": _time(known.created_at) if known else None,
         "uptime_seconds": round(known.uptime(now), 1) if known else None,
         "price_per_hour": known.price_per_hour if known else None,
         "cost_usd": round(known.cost(now), 6) if known else None,
