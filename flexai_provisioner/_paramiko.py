@@ -19,7 +19,8 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import paramiko
 from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_WINDOW_ADJUST
@@ -37,6 +38,7 @@ _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 
 DataSink = Callable[[bytes], None]
+T = TypeVar("T")
 
 
 def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
@@ -53,6 +55,54 @@ def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
 
 def _first(preferred: tuple[str, ...], offered: tuple[str, ...]) -> tuple[str, ...]:
     return (*(p for p in preferred if p in offered), *(o for o in offered if o not in preferred))
+
+
+def log_in(
+    transport: paramiko.Transport,
+    username: str,
+    pkey: paramiko.PKey,
+    then: Callable[[], T] | None = None,
+) -> Future[T] | None:
+    """Log in with ``pkey``; on a :class:`_Transport`, in one flight with the service request,
+    and with ``then`` (a channel open) started right behind the login: its future.
+
+    RFC 4252 passes messages sent after the request that succeeds to the service, and
+    sshd handles a service request and the userauth behind it in order: two round trips
+    saved before the first command runs. Raises paramiko's AuthenticationException.
+    """
+    if not isinstance(transport, _Transport):
+        transport.auth_publickey(username, pkey)
+        return None
+    done, future = threading.Event(), Future()  # type: ignore[var-annotated]
+    transport.auth_handler = auth = _PipelinedAuth(transport)
+    auth.auth_publickey(username, pkey, done)  # both requests are sent when this returns
+    if then is not None:
+        threading.Thread(
+            target=_settle, args=(future, then), name="ssh-open-ahead", daemon=True
+        ).start()
+    auth.wait_for_response(done)
+    return future if then is not None else None
+
+
+def _settle(future: Future[T], fn: Callable[[], T]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as e:  # the login failed, or so did the open
+        future.set_exception(e)
+
+
+class _PipelinedAuth(paramiko.AuthHandler):
+    """Sends the userauth request right behind the service request, not on its acceptance."""
+
+    def _request_auth(self) -> None:
+        super()._request_auth()
+        accept = paramiko.Message()
+        accept.add_string("ssh-userauth")
+        accept.rewind()
+        paramiko.AuthHandler._parse_service_accept(self, accept)
+
+    def _parse_service_accept(self, m: paramiko.Message) -> None:
+        """Already acted on."""
 
 
 def session_started(transport: paramiko.Transport) -> None:

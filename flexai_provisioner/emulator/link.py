@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
+import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger("flexai_provisioner.emulator.link")
+_ids = itertools.count(1)
 
 Shape = Callable[[], tuple[float, float]]
 """Returns (one-way latency in seconds, bandwidth in bytes per second or 0 for unlimited)."""
@@ -106,19 +111,53 @@ class _Connection:
         self.sockets = pair = (downstream, upstream)
         self._running = 2
         self._lock = threading.Lock()
+        self._id = next(_ids)
+        self._t0 = time.monotonic()
+        self._flight: list = [None, 0.0, 0]  # direction, start, bytes of the flight in the air
+        self.flights = 0
         for sock in self.sockets:
             # The relay must not add Nagle's wait to the delay it models.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._lines = [_DelayLine(src, dst, shape, self) for src, dst in (pair, pair[::-1])]
+        self._lines = [
+            _DelayLine(src, dst, shape, self, way)
+            for (src, dst), way in ((pair, "up"), (pair[::-1], "down"))
+        ]
         for line in self._lines:
             spawn(line.read, "link-read")
             spawn(line.write, "link-write")
+
+    def saw(self, way: str, size: int) -> None:
+        """Count serial flights (a run of data one way, ended by data the other way): the
+        round trips a protocol makes are what the link shows; DEBUG logs each flight."""
+        with self._lock:
+            flight = self._flight
+            if flight[0] != way:
+                if flight[0] is not None:
+                    self._log_flight()
+                self.flights += 1
+                flight[:] = [way, time.monotonic() - self._t0, 0]
+            flight[2] += size
+
+    def _log_flight(self) -> None:
+        way, start, size = self._flight
+        log.debug(
+            "link %d flight %d %s at %.1f ms: %d bytes",
+            self._id,
+            self.flights,
+            way,
+            start * 1000,
+            size,
+        )
 
     def line_ended(self) -> None:
         with self._lock:
             self._running -= 1
             last = self._running == 0
         if last:
+            with self._lock:
+                if self._flight[0] is not None:
+                    self._log_flight()
+            log.debug("link %d closed after %d flights", self._id, self.flights)
             self.close()
             self._ended(self)
 
@@ -146,8 +185,10 @@ class _DelayLine:
         dst: socket.socket,
         shape: Shape,
         connection: _Connection,
+        way: str,
     ):
         self._src, self._dst, self._shape, self._connection = src, dst, shape, connection
+        self._way = way
         self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self._queued = 0
         self._ready = threading.Condition()
@@ -165,6 +206,7 @@ class _DelayLine:
     def read(self) -> None:
         try:
             while data := self._src.recv(_READ):
+                self._connection.saw(self._way, len(data))
                 with self._ready:
                     while self._queued > _MAX_QUEUED and not self._done:
                         self._ready.wait()

@@ -1,0 +1,143 @@
+"""The SSH login against a real sshd (an emulator instance), on both of ``_paramiko``'s paths.
+
+With paramiko's internals, the service request, the userauth request and the first
+command's session channel go out in one flight (two round trips fewer than paramiko's
+own way); with its public API only, each waits for the answer before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import paramiko
+import pytest
+from paramiko.common import (
+    MSG_CHANNEL_OPEN,
+    MSG_SERVICE_ACCEPT,
+    MSG_SERVICE_REQUEST,
+    MSG_USERAUTH_REQUEST,
+    MSG_USERAUTH_SUCCESS,
+)
+
+from flexai_provisioner import _paramiko
+from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
+from flexai_provisioner.errors import SSHAuthenticationError
+from flexai_provisioner.platform import SSHEndpoint
+from flexai_provisioner.ssh import KeyPair, connect, generate_keypair
+
+WATCHED = {
+    MSG_SERVICE_REQUEST: "service request",
+    MSG_SERVICE_ACCEPT: "service accept",
+    MSG_USERAUTH_REQUEST: "userauth request",
+    MSG_USERAUTH_SUCCESS: "userauth success",
+    MSG_CHANNEL_OPEN: "channel open",
+}
+
+
+@pytest.fixture(params=["internals", "public-api"])
+def public(request, monkeypatch) -> bool:
+    monkeypatch.setattr(_paramiko, "PUBLIC_API_ONLY", request.param == "public-api")
+    return request.param == "public-api"
+
+
+@pytest.fixture
+def instance(emulator, api_key) -> Iterator[tuple[SSHEndpoint, KeyPair]]:
+    """A running instance's SSH endpoint and the key it accepts; deleted afterwards.
+
+    50 ms each way, so that what is sent in one flight is sent before any answer can come.
+    """
+    emulator.update_faults(link_latency_ms=50)
+    key = generate_keypair()
+    with FlexAIClient(emulator.url, api_key) as client:
+        inst = client.provision("A100", ssh_public_key=key.public_openssh)
+        try:
+            inst = wait_running(client, inst.id, timeout=30)
+            assert inst.ssh is not None
+            yield inst.ssh, key
+        finally:
+            client.delete_instance(inst.id)
+            wait_deleted(client, inst.id, timeout=30)
+
+
+@pytest.fixture
+def packets(monkeypatch) -> list[str]:
+    """The login's messages in the order this process sent (->) and read (<-) them."""
+    seen: list[str] = []
+    send, read = paramiko.Packetizer.send_message, paramiko.Packetizer.read_message
+
+    def send_message(self, data):
+        raw = data.asbytes()
+        if raw[0] in WATCHED:
+            seen.append("-> " + WATCHED[raw[0]])
+        return send(self, data)
+
+    def read_message(self):
+        ptype, m = read(self)
+        if ptype in WATCHED:
+            seen.append("<- " + WATCHED[ptype])
+        return ptype, m
+
+    monkeypatch.setattr(paramiko.Packetizer, "send_message", send_message)
+    monkeypatch.setattr(paramiko.Packetizer, "read_message", read_message)
+    return seen
+
+
+def run(conn, command: str) -> bytes:
+    chan = conn.exec(command)
+    try:
+        chan.settimeout(30)
+        out = b""
+        while data := chan.recv(65536):
+            out += data
+        assert chan.recv_exit_status() == 0
+        return out
+    finally:
+        chan.close()
+
+
+def test_the_login_and_the_first_channel_go_in_one_flight(instance, public, packets):
+    endpoint, key = instance
+    conn = connect(endpoint, key, connect_timeout=10)
+    try:
+        assert run(conn, "echo first") == b"first\n"
+        assert run(conn, "echo second") == b"second\n"  # a channel of its own
+    finally:
+        conn.close()
+    sent_first = ["-> service request", "-> userauth request", "-> channel open"]
+    if public:  # paramiko's way: each request once the one before is answered
+        assert packets[:6] == [
+            "-> service request",
+            "<- service accept",
+            "-> userauth request",
+            "<- userauth success",
+            "-> channel open",
+            "-> channel open",
+        ]
+    else:
+        assert packets[:3] == sent_first
+        assert packets[3:5] == ["<- service accept", "<- userauth success"]
+        assert packets.count("-> channel open") == 2
+
+
+def test_a_key_the_instance_does_not_know_is_refused_clearly(instance, public, packets):
+    endpoint, _ = instance
+    with pytest.raises(SSHAuthenticationError, match="refused our SSH key: the platform did not"):
+        connect(endpoint, generate_keypair(), connect_timeout=10)
+    assert "<- userauth success" not in packets
+    # The channel sent ahead of the failed login gave up with its connection.
+    for thread in threading.enumerate():
+        if thread.name == "ssh-open-ahead":
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+def test_after_a_refused_key_the_right_one_still_logs_in(instance, public):
+    endpoint, key = instance
+    with pytest.raises(SSHAuthenticationError):
+        connect(endpoint, generate_keypair(), connect_timeout=10)
+    conn = connect(endpoint, key, connect_timeout=10)
+    try:
+        assert run(conn, "echo ok") == b"ok\n"
+    finally:
+        conn.close()
