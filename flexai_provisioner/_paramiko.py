@@ -1,15 +1,13 @@
 """Every use of paramiko's private parts, in one place (``ssh.py`` is the only importer).
 
-paramiko buffers a channel's data for another thread to ``recv``, answers each SFTP request
-before the next and reads each packet in two or three small ``recv`` calls. Bypassing that
-is what makes bulk kernel output and folder uploads fast, and it takes private attributes
-(``Channel._feed``, ``_check_add_window``, ``in_buffer``, ``Transport._send_user_message``,
-``_channel_handler_table``, SFTPClient's ``_async_request``/``_read_response``). A paramiko
-release that changed them would stall or double-credit windows without an error, so
-pyproject.toml pins paramiko below 6 and the tunnel tests run both ways: set
-:data:`PUBLIC_API_ONLY` (or ``FLEXAI_SSH_PUBLIC_API_ONLY=1`` in the environment) and
-connections are paramiko's own transports, read by the tunnel with ``fileno()`` and
-``recv()`` (slower, nothing private involved).
+paramiko buffers channel data for another thread to ``recv``, waits for each SFTP answer and
+login step before the next, and reads each packet in two or three small ``recv`` calls.
+Bypassing that (through ``Channel._feed``, ``_check_add_window``, ``in_buffer``, Transport's
+``_send_user_message``/``_channel_handler_table``, AuthHandler's ``_parse_service_accept``,
+SFTPClient's ``_async_request``/``_read_response``) makes output, uploads and logins fast. A
+paramiko release that changed them would fail silently, so paramiko is pinned below 6 and
+the tests run both ways: with :data:`PUBLIC_API_ONLY` (``FLEXAI_SSH_PUBLIC_API_ONLY=1``)
+connections are paramiko's own transports, read with ``fileno()`` and ``recv()`` (slower).
 """
 
 from __future__ import annotations
@@ -20,15 +18,15 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 import paramiko
 from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.sftp import CMD_HANDLE, CMD_STATUS
 
 PUBLIC_API_ONLY = os.environ.get("FLEXAI_SSH_PUBLIC_API_ONLY", "") not in ("", "0")
-"""Build plain paramiko transports (no sink, read-ahead or packetizer change); read at each
-connect, so tests can switch it per test."""
+"""Build plain paramiko transports (no sink, read-ahead, packetizer change or pipelined login);
+read at each connect, so tests can switch it per test."""
 
 READ_AHEAD = 256 * 1024  # one recv() serves several packets of bulk output
 
@@ -38,7 +36,6 @@ _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 
 DataSink = Callable[[bytes], None]
-T = TypeVar("T")
 
 
 def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
@@ -55,54 +52,6 @@ def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
 
 def _first(preferred: tuple[str, ...], offered: tuple[str, ...]) -> tuple[str, ...]:
     return (*(p for p in preferred if p in offered), *(o for o in offered if o not in preferred))
-
-
-def log_in(
-    transport: paramiko.Transport,
-    username: str,
-    pkey: paramiko.PKey,
-    then: Callable[[], T] | None = None,
-) -> Future[T] | None:
-    """Log in with ``pkey``; on a :class:`_Transport`, in one flight with the service request,
-    and with ``then`` (a channel open) started right behind the login: its future.
-
-    RFC 4252 passes messages sent after the request that succeeds to the service, and
-    sshd handles a service request and the userauth behind it in order: two round trips
-    saved before the first command runs. Raises paramiko's AuthenticationException.
-    """
-    if not isinstance(transport, _Transport):
-        transport.auth_publickey(username, pkey)
-        return None
-    done, future = threading.Event(), Future()  # type: ignore[var-annotated]
-    transport.auth_handler = auth = _PipelinedAuth(transport)
-    auth.auth_publickey(username, pkey, done)  # both requests are sent when this returns
-    if then is not None:
-        threading.Thread(
-            target=_settle, args=(future, then), name="ssh-open-ahead", daemon=True
-        ).start()
-    auth.wait_for_response(done)
-    return future if then is not None else None
-
-
-def _settle(future: Future[T], fn: Callable[[], T]) -> None:
-    try:
-        future.set_result(fn())
-    except BaseException as e:  # the login failed, or so did the open
-        future.set_exception(e)
-
-
-class _PipelinedAuth(paramiko.AuthHandler):
-    """Sends the userauth request right behind the service request, not on its acceptance."""
-
-    def _request_auth(self) -> None:
-        super()._request_auth()
-        accept = paramiko.Message()
-        accept.add_string("ssh-userauth")
-        accept.rewind()
-        paramiko.AuthHandler._parse_service_accept(self, accept)
-
-    def _parse_service_accept(self, m: paramiko.Message) -> None:
-        """Already acted on."""
 
 
 def session_started(transport: paramiko.Transport) -> None:
@@ -230,6 +179,39 @@ class _SinkTransport(paramiko.Transport):
         disconnect or a corrupt packet, drops what it still held, as it drops its channels.)"""
         while self.held:
             self.flush_held(next(iter(self.held)))
+
+    _ahead: Future[paramiko.Channel] | None = None  # the session opened behind the login
+
+    def auth_publickey(self, username: str, key: paramiko.PKey, event: None = None) -> list:
+        """paramiko's login, but the service request, the userauth request and a session
+        channel's open go in one flight (RFC 4252 passes what follows the request that
+        succeeds to the service; sshd handles each in order): two round trips saved."""
+        done, accept, self._ahead = threading.Event(), paramiko.Message(), Future()
+        auth = self.auth_handler = paramiko.AuthHandler(self)
+        auth._parse_service_accept = lambda _m: None  # type: ignore[method-assign] # see below
+        auth.auth_publickey(username, key, done)  # sends the service request
+        accept.add_string("ssh-userauth")
+        accept.rewind()  # the acceptance, taken for granted: sends the userauth request
+        paramiko.AuthHandler._parse_service_accept(auth, accept)
+        opener = threading.Thread(target=self._open_ahead, args=(self._ahead,), daemon=True)
+        opener.start()
+        return auth.wait_for_response(done)
+
+    def _open_ahead(self, ahead: Future[paramiko.Channel]) -> None:
+        try:
+            ahead.set_result(super().open_session(timeout=self.auth_timeout))
+        except BaseException as e:  # the login failed, and the open with it
+            ahead.set_exception(e)
+
+    def open_session(self, *args: Any, **kwargs: Any) -> paramiko.Channel:
+        """The session opened behind the login while it is unused, else a new one (ssh.py
+        opens every session at the transport's default sizes)."""
+        with self.lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with contextlib.suppress(Exception):  # else a channel opened now tells why
+                return ahead.result(kwargs.get("timeout"))
+        return super().open_session(*args, **kwargs)
 
 
 class _Socket:

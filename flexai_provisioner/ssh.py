@@ -13,9 +13,7 @@ import hmac
 import io
 import logging
 import socket
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +32,7 @@ from paramiko.sftp import (
     int64,
 )
 
-from ._paramiko import (
-    SFTPRequests,
-    consumed,
-    grant,
-    log_in,
-    new_transport,
-    session_started,
-    set_sink,
-)
+from ._paramiko import SFTPRequests, consumed, grant, new_transport, session_started, set_sink
 from .errors import (
     FlexAIError,
     HostKeyMismatchError,
@@ -234,9 +224,6 @@ class SSHConnection:
         self._keepalive_interval = keepalive_interval
         self._transport: paramiko.Transport | None = None
         self._where = f"{endpoint.user}@{endpoint.host}:{endpoint.port}"
-        # A session channel opened right behind the login, for the first command to use.
-        self._ahead: Future[paramiko.Channel] | None = None
-        self._ahead_lock = threading.Lock()
 
     @property
     def transport(self) -> paramiko.Transport:
@@ -303,14 +290,7 @@ class SSHConnection:
 
     def _authenticate(self, transport: paramiko.Transport) -> None:
         try:
-            # The first command's session channel follows the login at once (if the
-            # transport can pipeline it), so that it opens a round trip sooner.
-            self._ahead = log_in(
-                transport,
-                self.endpoint.user,
-                self._key.private_key,
-                lambda: self._ahead_session(transport),
-            )
+            transport.auth_publickey(self.endpoint.user, self._key.private_key)
         except paramiko.AuthenticationException as e:
             if "timeout" in str(e):
                 raise SSHTimeoutError(
@@ -322,16 +302,7 @@ class SSHConnection:
                 "authorise the key it was given"
             ) from None
 
-    def _ahead_session(self, transport: paramiko.Transport) -> paramiko.Channel:
-        return transport.open_session(WINDOW_SIZE, MAX_PACKET_SIZE, self._connect_timeout)
-
     def _open_session(self, timeout: float) -> paramiko.Channel:
-        """A new session channel: the one opened behind the login if still unused."""
-        with self._ahead_lock:
-            ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            with contextlib.suppress(Exception):  # else a channel opened now tells why
-                return ahead.result(timeout)
         return self.transport.open_session(
             window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE, timeout=timeout
         )

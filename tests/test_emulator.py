@@ -929,3 +929,26 @@ def test_command_needs_an_api_key() -> None:
     assert result.returncode == 2
     assert "FLEXAI_API_KEY" in result.stderr and "--api-key" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_link_counts_each_connections_serial_flights():
+    """A request and its answer, twice, are four flights: what a protocol's round trips are."""
+    from flexai_provisioner.emulator.link import DelayedLink
+
+    server = socket.create_server(("127.0.0.1", 0))
+    link = DelayedLink(server.getsockname()[1], lambda: (0.005, 0.0))
+    try:
+        with socket.create_connection(("127.0.0.1", link.port), timeout=10) as client:
+            peer, _ = server.accept()
+            with peer:
+                peer.settimeout(10)
+                for request in (b"one", b"two"):
+                    client.sendall(request)
+                    assert peer.recv(16) == request
+                    peer.sendall(request.upper())
+                    assert client.recv(16) == request.upper()
+                (connection,) = link._connections
+                assert connection.flights == 4
+    finally:
+        link.stop()
+        server.close()

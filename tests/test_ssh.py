@@ -21,9 +21,9 @@ from paramiko.common import (
 )
 
 from flexai_provisioner import _paramiko
-from flexai_provisioner.client import FlexAIClient, wait_deleted, wait_running
+from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import SSHAuthenticationError
-from flexai_provisioner.platform import SSHEndpoint
+from flexai_provisioner.gpu_platform import SSHEndpoint, wait_deleted, wait_running
 from flexai_provisioner.ssh import KeyPair, connect, generate_keypair
 
 WATCHED = {
@@ -127,7 +127,7 @@ def test_a_key_the_instance_does_not_know_is_refused_clearly(instance, public, p
     assert "<- userauth success" not in packets
     # The channel sent ahead of the failed login gave up with its connection.
     for thread in threading.enumerate():
-        if thread.name == "ssh-open-ahead":
+        if thread.name.endswith("(_open_ahead)"):
             thread.join(10)
             assert not thread.is_alive()
 
