@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 
 from . import exit_cleanup, supervisor
 from .errors import FlexAIError, LedgerError, PlatformError
@@ -14,6 +15,7 @@ from .ledger import Ledger
 from .reaper import delete_request
 
 
+@dataclass(eq=False)  # compared by identity, as the supervisor and exit_cleanup hold it
 class OwedDeletion:
     """The deletion of one request's instance, tried until the platform confirms it.
 
@@ -25,25 +27,16 @@ class OwedDeletion:
     FIRST_DELAY = 1.0
     MAX_DELAY = 20.0
 
-    def __init__(
-        self,
-        platform: Platform,
-        ledger: Ledger,
-        request_key: str,
-        instance_id: str | None,
-        timeout: float,
-        log: logging.Logger,
-    ):
-        self.platform = platform
-        self.ledger = ledger
-        self.request_key = request_key
-        self.instance_id = instance_id
-        self.timeout = timeout
-        self.log = log
-        self.delay = self.FIRST_DELAY
-        self.due = 0.0
-        self.running = False
-        self.done = False
+    platform: Platform
+    ledger: Ledger
+    request_key: str
+    instance_id: str | None  # None until known: the POST may never have answered
+    timeout: float  # how long one attempt waits for the platform to confirm
+    log: logging.Logger
+    delay: float = field(default=FIRST_DELAY, init=False)  # until the next retry, doubling
+    due: float = field(default=0.0, init=False)  # when that is, on the monotonic clock
+    running: bool = field(default=False, init=False)  # a retry is under way
+    done: bool = field(default=False, init=False)  # the platform confirmed
 
     def attempt(self) -> None:
         """Delete (finding the instance by its request label if the POST never answered) and
