@@ -21,16 +21,24 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
 from .client import FlexAIClient
 from .emulator import command as emulator_command
-from .errors import FlexAIError, PlatformUnreachableError, UnknownGPUTypeError, WorkspaceError
+from .errors import (
+    FlexAIError,
+    LedgerError,
+    PlatformUnreachableError,
+    UnknownGPUTypeError,
+    WorkspaceError,
+)
 from .gpu_platform import Instance, InstanceState
 from .kernelspecs import install_kernelspecs, kernel_name, kernelspec_dict
-from .ledger import Ledger
+from .ledger import Entry, Ledger
+from .parking import parked_model
 from .reaper import reap_orphans
 from .rfc3339 import format_time
 from .workspace import files, megabytes, running_workspaces, state_path, sync_elsewhere
@@ -218,34 +226,58 @@ def _register_instances(subparsers: Subparsers, parents: list[argparse.ArgumentP
     )
 
 
-def _instance_json(instance: Instance) -> dict[str, Any]:
-    """The instance as the API writes it (same field names, RFC 3339 times)."""
+def _instance_json(instance: Instance, parked: Entry | None, now: float) -> dict[str, Any]:
+    """The instance as the API writes it (same field names, RFC 3339 times), and ``parked``:
+    null, or what it is parked for (``keep_alive``)."""
     data = dataclasses.asdict(instance)
     data["state"] = instance.state.value
     data["created_at"] = format_time(instance.created_at)
     data["expires_at"] = None if instance.expires_at is None else format_time(instance.expires_at)
+    data["parked"] = None if parked is None else parked_model(parked, instance, now)
     return data
+
+
+def _parked_here(api_url: str) -> dict[str, Entry]:
+    """This user's parked instances on that API, by id (none if the ledger is unreadable)."""
+    try:
+        return {e.instance_id: e for e in Ledger().parked(api_url) if e.instance_id}
+    except LedgerError as e:
+        log.warning("cannot tell which instances are parked: %s", e)
+        return {}
+
+
+def _left(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _run_instances(args: argparse.Namespace) -> int:
     with _client(args) as client:
         listed = client.list_instances()
+        parked = _parked_here(client.api_url)
     instances = [i for i in listed if i.state is not InstanceState.DELETED]
+    now = time.time()
     if args.json:
-        print(json.dumps([_instance_json(i) for i in instances], indent=2))
+        print(json.dumps([_instance_json(i, parked.get(i.id), now) for i in instances], indent=2))
         return 0
-    rows = [
-        (
-            i.id,
-            i.state.value,
-            i.gpu_type,
-            i.gpu_count,
-            format_time(i.created_at),
-            f"{i.ssh.user}@{i.ssh.host}:{i.ssh.port}" if i.ssh else "-",
+    rows = []
+    for i in instances:
+        until = parked[i.id].parked_until if i.id in parked else None
+        rows.append(
+            (
+                i.id,
+                i.state.value if until is None else "parked",
+                i.gpu_type,
+                i.gpu_count,
+                format_time(i.created_at),
+                f"{i.ssh.user}@{i.ssh.host}:{i.ssh.port}" if i.ssh else "-",
+                f"${i.price_per_hour:.2f}",
+                f"${i.cost():.4f}",
+                "-" if until is None else _left(max(0.0, until - now)),
+            )
         )
-        for i in instances
-    ]
-    _print_table(("ID", "STATE", "GPU", "COUNT", "CREATED", "SSH"), rows)
+    headers = ("ID", "STATE", "GPU", "COUNT", "CREATED", "SSH", "PRICE/H", "COST", "PARKED")
+    _print_table(headers, rows)
     return 0
 
 
@@ -259,18 +291,28 @@ def _register_gc(subparsers: Subparsers, parents: list[argparse.ArgumentParser])
         help="delete instances whose kernel's process died",
         description="Delete this user's instances on this host whose owning process (a "
         "Jupyter server, `jupyter execute`, a script) is gone, found through the local "
-        "ledger and the platform's owner labels.",
+        "ledger and the platform's owner labels, and parked instances (keep_alive) whose "
+        "keep-alive is over.",
     )
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    parser.add_argument(
+        "--parked",
+        action="store_true",
+        help="also delete the parked instances still waiting for a kernel to adopt them",
+    )
 
 
 def _run_gc(args: argparse.Namespace) -> int:
     ledger = Ledger()
     with _client(args) as client:
-        reaped = reap_orphans(client, ledger, client.api_url, dry_run=args.dry_run)
-        unseen = [
-            e for e in ledger.live(client.api_url) if not (e.owner.visible() or e.delete_owed)
-        ]
+        reaped = reap_orphans(
+            client, ledger, client.api_url, dry_run=args.dry_run, parked=args.parked
+        )
+        live = ledger.live(client.api_url)
+    unseen = [
+        e for e in live if not (e.owner.visible() or e.delete_owed or e.parked_until is not None)
+    ]
+    waiting = [e for e in live if e.parked_until is not None and not e.expired()]
     verb = "would delete" if args.dry_run else "deleted"
     for item in reaped:
         print(f"{verb} {item.instance_id} (kernel {item.kernel_id or '?'}, from {item.reason})")
@@ -281,6 +323,11 @@ def _run_gc(args: argparse.Namespace) -> int:
             f"left {len(unseen)} instance(s) whose owner this machine cannot see (another "
             "host, boot or PID namespace sharing this ledger): their owner deletes them, or "
             "their lease expires"
+        )
+    if waiting and not args.parked:
+        print(
+            f"left {len(waiting)} parked instance(s) waiting for a kernel (keep_alive): "
+            "`jupyter flexai gc --parked` deletes them"
         )
     return 0
 

@@ -71,6 +71,11 @@ class StartCancelledError(ProvisioningError):
     """The kernel's start was cancelled before the kernel was ready; what it made is deleted."""
 
 
+class ParkedInstanceError(ProvisioningError):
+    """A parked instance (``keep_alive``) could not be adopted: gone, not running, or
+    unreachable. It is deleted and a new one provisioned."""
+
+
 class SSHError(FlexAIError):
     """The SSH connection to the instance failed."""
 

@@ -60,10 +60,17 @@ ADDED_COLUMNS = {
     "owner_pidns": "TEXT",
     "key_file": "TEXT",
     "delete_owed": "TEXT",  # why the last deletion failed; set while one is owed
+    "gpu_count": "INTEGER",
+    "parked_until": "REAL",  # while parked (keep_alive): when the platform deletes it
+    "key_fingerprint": "TEXT",  # of the key authorised on the instance, while parked
 }
 COLUMNS = (
     "request_key, instance_id, api_url, kernel_id, gpu_type, owner_host, owner_boot,"
-    " owner_pidns, owner_pid, owner_started, created_at, key_file, delete_owed"
+    " owner_pidns, owner_pid, owner_started, created_at, key_file, delete_owed, gpu_count,"
+    " parked_until, key_fingerprint"
+)
+_OWNER_IS_THIS_PROCESS = (
+    "owner_host = ?, owner_boot = ?, owner_pidns = ?, owner_pid = ?, owner_started = ?"
 )
 
 
@@ -136,6 +143,13 @@ class Entry:
     created_at: float
     key_file: str | None
     delete_owed: str | None  # why the last deletion failed, while one is owed
+    gpu_count: int | None = None
+    parked_until: float | None = None  # set while parked: no process owns it then
+    key_fingerprint: str | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether it was parked and its keep-alive is over (the platform deletes it)."""
+        return self.parked_until is not None and self.parked_until <= (now or time.time())
 
 
 def default_path() -> Path:
@@ -273,12 +287,49 @@ class Ledger:
 
     def adopt(self, request_key: str) -> None:
         """Make this process the owner (a server that reattached to a persisted kernel)."""
-        o = Owner.this_process()
         self._write(
-            "UPDATE instances SET owner_host = ?, owner_boot = ?, owner_pidns = ?,"
-            " owner_pid = ?, owner_started = ? WHERE request_key = ?",
-            (o.host, o.boot, o.pidns, o.pid, o.started, request_key),
+            f"UPDATE instances SET {_OWNER_IS_THIS_PROCESS} WHERE request_key = ?",
+            (*_this_process(), request_key),
         )
+
+    def park(
+        self,
+        request_key: str,
+        until: float,
+        gpu_count: int,
+        key_file: str | None,
+        key_fingerprint: str,
+    ) -> None:
+        """Record the request's instance as parked until ``until`` (epoch seconds): owned by
+        no process, it waits for the next kernel of its kind here (:meth:`claim_parked`), and
+        is an orphan once expired. ``key_file`` is the private key kept for that kernel (None:
+        the user's own key, which is never copied), removed with the instance."""
+        self._write(
+            "UPDATE instances SET parked_until = ?, gpu_count = ?, key_file = ?,"
+            " key_fingerprint = ? WHERE request_key = ?",
+            (until, gpu_count, key_file, key_fingerprint, request_key),
+        )
+
+    def parked(self, api_url: str | None = None) -> list[Entry]:
+        """The rows of parked instances, the freshest first."""
+        rows = [e for e in self.live(api_url) if e.parked_until is not None]
+        return sorted(rows, key=lambda e: -(e.parked_until or 0))
+
+    def claim(self, request_key: str, kernel_id: str | None = None) -> bool:
+        """Take a parked row for this process (to adopt or delete its instance): False if it
+        is not parked any more. One conditional update, which SQLite's write lock makes
+        atomic: of processes claiming the same row at once, exactly one gets it."""
+        query = (
+            f"UPDATE instances SET parked_until = NULL, {_OWNER_IS_THIS_PROCESS},"
+            " kernel_id = COALESCE(?, kernel_id)"
+            " WHERE request_key = ? AND parked_until IS NOT NULL AND deleted_at IS NULL"
+        )
+        try:
+            with self._db() as db:
+                cursor = db.execute(query, (*_this_process(), kernel_id, request_key))
+                return cursor.rowcount == 1
+        except sqlite3.Error as e:
+            raise self._error(e) from None
 
     def mark_owed(self, request_key: str, reason: str) -> None:
         """Record that deleting this request's instance failed, so anyone may retry it."""
@@ -306,9 +357,14 @@ class Ledger:
         return [_entry(row) for row in rows]
 
 
+def _this_process() -> tuple[object, ...]:
+    o = Owner.this_process()
+    return (o.host, o.boot, o.pidns, o.pid, o.started)
+
+
 def _entry(row: tuple[object, ...]) -> Entry:
     (request_key, instance_id, api_url, kernel_id, gpu_type, host, boot, pidns, pid,
-     started, created_at, key_file, owed) = row  # fmt: skip
+     started, created_at, key_file, owed, gpu_count, parked_until, key_fp) = row  # fmt: skip
     owner = Owner(str(host), str(boot or ""), str(pidns or ""), int(pid), float(started))
     return Entry(
         str(request_key),
@@ -320,6 +376,9 @@ def _entry(row: tuple[object, ...]) -> Entry:
         float(created_at),
         key_file and str(key_file),
         owed and str(owed),
+        None if gpu_count is None else int(gpu_count),  # type: ignore[call-overload]
+        None if parked_until is None else float(parked_until),  # type: ignore[arg-type]
+        key_fp and str(key_fp),
     )
 
 

@@ -1,9 +1,11 @@
-"""Delete what dead owners left and deletions still owed (``jupyter flexai gc``, each start).
+"""Delete what dead owners left, parked instances whose keep-alive is over, and deletions
+still owed (``jupyter flexai gc``, each start).
 
 Two sources, so that losing either one still loses nothing: the local ledger, and the
 owner labels every instance carries on the platform. Only this ledger's own rows and
 instances labelled with its owner id are considered: whatever another ledger (another
-machine, container or user of the same API key) created is never touched.
+machine, container or user of the same API key) created is never touched. A parked instance
+(``keep_alive``) has no owner process: it is left alone until it expires, unless asked for.
 """
 
 from __future__ import annotations
@@ -61,7 +63,19 @@ def labelled_owner(labels: dict[str, str]) -> Owner | None:
 
 
 def _reason(entry: Entry) -> str:
-    return f"deletion owed: {entry.delete_owed}" if entry.delete_owed else "ledger, owner died"
+    if entry.delete_owed:
+        return f"deletion owed: {entry.delete_owed}"
+    if entry.parked_until is not None:
+        return "parked, keep-alive over" if entry.expired() else "parked"
+    return "ledger, owner died"
+
+
+def _orphaned(entry: Entry, parked: bool) -> bool:
+    if entry.delete_owed:
+        return True
+    if entry.parked_until is not None:
+        return parked or entry.expired()
+    return entry.owner.died()
 
 
 def delete_request(
@@ -83,23 +97,45 @@ def delete_request(
     return instance_id
 
 
+def delete_entry(platform: Platform, ledger: Ledger, entry: Entry, timeout: float) -> str | None:
+    """Delete a row's instance (an orphan's, or a parked one this process claimed), close the
+    row and remove its key file; the instance's id, or None if the request made none.
+
+    On :class:`PlatformError` a claimed parked row is marked owed (the claim made this process
+    its owner, which may live on: anyone may retry it) and the error raised."""
+    try:
+        instance_id = delete_request(platform, entry.request_key, entry.instance_id, timeout)
+    except PlatformError as e:
+        if entry.parked_until is not None:
+            ledger.mark_owed(entry.request_key, str(e).splitlines()[0][:200])
+        raise
+    ledger.mark_deleted(entry.request_key)
+    if entry.key_file and (entry.parked_until is not None or entry.owner.died()):
+        Path(entry.key_file).unlink(missing_ok=True)
+    return instance_id
+
+
 def reap_orphans(
     platform: Platform,
     ledger: Ledger,
     api_url: str,
     *,
     dry_run: bool = False,
+    parked: bool = False,
     timeout: float = 60.0,
 ) -> list[Reaped]:
     """Delete (or, with ``dry_run``, list) this ledger's orphaned instances and owed deletions.
 
-    A row is an orphan if its deletion is owed (whoever its owner) or its owner died
+    A row is an orphan if its deletion is owed (whoever its owner), it was parked and its
+    keep-alive is over (any parked one, with ``parked``), or its owner died
     (:meth:`Owner.died`); an instance the ledger lost (it was moved aside as corrupt) is
-    found by this ledger's owner id in its labels. Each deletion waits up to ``timeout`` for
-    the platform to confirm it; a failure is logged and left for the next run.
+    found by this ledger's owner id in its labels. A parked row is claimed before its
+    instance is deleted, so one a kernel adopts meanwhile is left to it. Each deletion waits
+    up to ``timeout`` for the platform to confirm it; a failure is logged and left for the
+    next run.
     """
     live = ledger.live(api_url)
-    orphans = [e for e in live if e.delete_owed or e.owner.died()]
+    orphans = [e for e in live if _orphaned(e, parked)]
     recorded = {e.instance_id for e in live} | {e.request_key for e in live}
     unrecorded = []
     for inst in platform.list_instances({LABEL_OWNER: ledger.owner_id}):
@@ -115,14 +151,13 @@ def reap_orphans(
         ] + unrecorded
     done = []
     for entry in orphans:
+        if entry.parked_until is not None and not ledger.claim(entry.request_key):
+            continue  # adopted, or claimed by another gc, since it was read
         try:
-            instance_id = delete_request(platform, entry.request_key, entry.instance_id, timeout)
+            instance_id = delete_entry(platform, ledger, entry, timeout)
         except PlatformError as e:
             log.warning("could not delete orphaned instance %s: %s", entry.instance_id, e)
             continue
-        ledger.mark_deleted(entry.request_key)
-        if entry.key_file and entry.owner.died():
-            Path(entry.key_file).unlink(missing_ok=True)
         if instance_id is not None:
             done.append(Reaped(instance_id, entry.kernel_id, _reason(entry)))
     for item in unrecorded:
@@ -143,7 +178,7 @@ def reap_and_report(
     try:
         for item in reap_orphans(platform, ledger, api_url):
             report.warning(
-                "deleted FlexAI instance %s of a kernel whose process died (%s)",
+                "deleted FlexAI instance %s left by an earlier kernel (%s)",
                 item.instance_id,
                 item.reason,
             )

@@ -155,12 +155,16 @@ def test_instances_lists_a_running_instance(running_instance: Instance, env) -> 
     result = flexai("instances", env=env)
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
-    assert columns(header) == ["ID", "STATE", "GPU", "COUNT", "CREATED", "SSH"]
+    assert columns(header) == [
+        "ID", "STATE", "GPU", "COUNT", "CREATED", "SSH", "PRICE/H", "COST", "PARKED"
+    ]  # fmt: skip
     (row,) = [columns(r) for r in rows if r.startswith(running_instance.id + " ")]
-    id_, state, gpu, count, created, endpoint = row
+    id_, state, gpu, count, created, endpoint, price, cost, parked = row
     assert (id_, state, gpu, count) == (running_instance.id, "running", "A100", "1")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", created)
     assert endpoint == f"{ssh.user}@{ssh.host}:{ssh.port}"
+    assert price == "$1.89" and re.fullmatch(r"\$\d+\.\d{4}", cost)
+    assert parked == "-"
 
 
 def test_instances_json_carries_the_instance_fields(running_instance: Instance, env):
@@ -175,6 +179,7 @@ def test_instances_json_carries_the_instance_fields(running_instance: Instance, 
     assert listed["labels"] == {}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", listed["created_at"])
     assert listed["ssh"]["port"] == running_instance.ssh.port
+    assert listed["parked"] is None
 
 
 # -- install -----------------------------------------------------------------------------
@@ -314,7 +319,8 @@ def test_emulator_subcommand_serves_until_sigterm(key_first: bool, env) -> None:
         assert gpus.returncode == 0, gpus.stderr
         assert "A100" in gpus.stdout
         table = flexai(*options, "instances", env=without_api(env))
-        assert table.stdout.splitlines() == ["ID  STATE  GPU  COUNT  CREATED  SSH"]
+        header = "ID  STATE  GPU  COUNT  CREATED  SSH  PRICE/H  COST  PARKED"
+        assert table.stdout.splitlines() == [header]
         listed = flexai(*options, "instances", "--json", env=without_api(env))
         assert json.loads(listed.stdout) == []
     finally:

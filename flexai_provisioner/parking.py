@@ -1,0 +1,211 @@
+"""Warm starts: an instance kept between kernels (``keep_alive``) and adopted by the next.
+
+When a kernel shuts down cleanly and ``keep_alive`` is set, its instance is *parked* instead of
+deleted: the kernel is stopped, its files are copied back as at any shutdown, the platform's
+lease on it is shortened to the keep-alive (so the platform deletes it even if no process of
+ours is left to), and its ledger row records it as parked until then. Parked, it belongs to no
+process: neither exit cleanup nor the reaper touch it until it expires.
+
+The next kernel of the same GPU type and count, on the same API, started by this user on this
+machine, in any process, *claims* the row (one conditional update under the ledger's write
+lock, so two starts never adopt the same instance), restores the lease to ``instance_ttl``,
+connects with the key the row names, clears the previous kernel's workspace and starts a fresh
+kernel. A parked instance that is gone or unreachable is deleted, and a new one provisioned.
+
+The key: a per-kernel key is kept for the adopter in a 0600 file of Jupyter's runtime
+directory, named in the row and removed with the instance (by its adopter once it has the
+key, by ``gc`` once expired). A user's own key (``ssh_key_file``) is never copied: the row
+keeps its fingerprint, and only a kernel configured with that same key adopts the instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_runtime_dir
+
+from .errors import FlexAIError, ParkedInstanceError, PlatformError, SSHError
+from .gpu_platform import Instance, InstanceState, Platform
+from .ledger import Entry, Ledger
+from .reaper import delete_entry
+from .rfc3339 import format_time
+from .ssh import KeyPair, SSHConnection, fingerprint, load_private_key
+from .workspace.transfer import REMOTE_ROOT
+
+log = logging.getLogger(__name__)
+
+#: A parked instance this close to its expiry is not adopted: the platform may delete it
+#: before the adopter has restored its lease.
+ADOPT_MARGIN = 5.0
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A parked instance claimed by this process, and the key that reaches it (None if it
+    could not be read: ``problem`` says why)."""
+
+    entry: Entry
+    key: KeyPair | None
+    problem: str = ""
+
+    @property
+    def instance_id(self) -> str:
+        assert self.entry.instance_id is not None
+        return self.entry.instance_id
+
+
+def key_path(instance_id: str) -> Path:
+    """Where a parked instance's per-kernel key waits for its adopter."""
+    return Path(jupyter_runtime_dir()) / f"flexai-parked-{instance_id}.key"
+
+
+def park(
+    platform: Platform,
+    ledger: Ledger,
+    request_key: str,
+    instance: Instance,
+    keep_alive: int,
+    key: KeyPair,
+    own_key: bool,
+) -> None:
+    """Park ``instance``: the platform's lease first (so it expires without us), then the key
+    file (unless ``own_key``: the user's key is not copied), then the ledger row. Raises
+    :class:`FlexAIError` if a step fails (the caller deletes the instance instead); a key file
+    written for it is removed then."""
+    until = time.time() + keep_alive
+    platform.set_ttl(instance.id, keep_alive)
+    path = None if own_key else _write_key(key, instance.id)
+    try:
+        ledger.park(
+            request_key,
+            until,
+            instance.gpu_count,
+            None if path is None else str(path),
+            fingerprint(key.private_key),
+        )
+    except FlexAIError:
+        if path is not None:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def claim(
+    ledger: Ledger,
+    api_url: str,
+    gpu_type: str,
+    gpu_count: int,
+    kernel_id: str,
+    own_key: KeyPair | None,
+) -> Parked | None:
+    """Claim the freshest parked instance this kernel may adopt, or None.
+
+    It must be of the same API, GPU type and count, parked on this machine (the owner that
+    parked it visible from here), not about to expire, and reachable with a key this kernel
+    may use: its kept key, or for a kernel with its own key (``own_key``) that same key.
+    """
+    now = time.time()
+    for entry in ledger.parked(api_url):
+        if (entry.gpu_type, entry.gpu_count) != (gpu_type, gpu_count) or entry.delete_owed:
+            continue
+        if entry.instance_id is None or (entry.parked_until or 0) < now + ADOPT_MARGIN:
+            continue
+        if not entry.owner.visible():
+            continue
+        if own_key is not None:
+            if fingerprint(own_key.private_key) != entry.key_fingerprint:
+                continue
+        elif entry.key_file is None:
+            continue
+        if not ledger.claim(entry.request_key, kernel_id):
+            continue  # another start took it first
+        if own_key is not None:
+            return Parked(entry, own_key)
+        assert entry.key_file is not None
+        try:
+            return Parked(entry, load_private_key(entry.key_file))
+        except SSHError as e:  # claimed, so ours to delete, as any that cannot be reached
+            return Parked(entry, None, f"its kept key is unreadable ({e})")
+    return None
+
+
+def revive(platform: Platform, parked: Parked, instance_ttl: int | None) -> Instance:
+    """Check that the claimed instance still runs and restore its lease (heartbeats then
+    keep it); the instance. :class:`ParkedInstanceError` if it is gone, not running, or its
+    key was unreadable."""
+    if parked.key is None:
+        raise ParkedInstanceError(parked.problem)
+    try:
+        instance = platform.set_ttl(parked.instance_id, instance_ttl)
+    except PlatformError as e:
+        raise ParkedInstanceError(f"parked instance {parked.instance_id}: {e}") from None
+    if instance.state is not InstanceState.RUNNING or instance.ssh is None:
+        raise ParkedInstanceError(
+            f"parked instance {parked.instance_id} is {instance.state.value}, not running"
+        )
+    return instance
+
+
+def clear_workspace(conn: SSHConnection, timeout: float) -> None:
+    """Remove the previous kernel's files from the instance, so none reach the new kernel's
+    folder; :class:`ParkedInstanceError` if that fails."""
+    command = f'rm -rf -- "$HOME"/{shlex.quote(REMOTE_ROOT)}'
+    try:
+        status, out = conn.run(command, timeout)
+    except SSHError as e:
+        raise ParkedInstanceError(f"cannot clear the parked instance's workspace: {e}") from None
+    if status != 0:
+        reason = out.decode(errors="replace").strip()[-300:]
+        raise ParkedInstanceError(f"cannot clear the parked instance's workspace: {reason}")
+
+
+def release_key(parked: Parked) -> None:
+    """The adopter has the key in memory (and kept it under its own kernel's name if it
+    keeps keys): the parked copy goes."""
+    if parked.entry.key_file is not None:
+        Path(parked.entry.key_file).unlink(missing_ok=True)
+
+
+def parked_model(entry: Entry, instance: Instance | None, now: float) -> dict[str, object]:
+    """What ``jupyter flexai instances`` and ``/api/compute/instances`` say of a parked
+    instance: its kind, when it expires, what it has cost so far and costs per hour
+    (``instance``: its platform record, None if the platform no longer lists it)."""
+    at = datetime.fromtimestamp(now, timezone.utc)
+    return {
+        "instance_id": entry.instance_id,
+        "state": "parked" if instance is not None else "deleted",
+        "gpu_type": entry.gpu_type,
+        "gpu_count": entry.gpu_count,
+        "parked_until": format_time(entry.parked_until or now),
+        "seconds_left": round(max(0.0, (entry.parked_until or now) - now), 1),
+        "price_per_hour": instance.price_per_hour if instance else None,
+        "cost_usd": round(instance.cost(at), 6) if instance else None,
+        "api_url": entry.api_url,
+    }
+
+
+def discard(platform: Platform, ledger: Ledger, entry: Entry, timeout: float) -> bool:
+    """Delete a parked instance on request (a Stop in the server extension): claimed first,
+    so one a kernel adopted meanwhile is left to it (False)."""
+    if not ledger.claim(entry.request_key):
+        return False
+    delete_entry(platform, ledger, entry, timeout)
+    return True
+
+
+def _write_key(key: KeyPair, instance_id: str) -> Path:
+    path = key_path(instance_id)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_openssh)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise SSHError(f"cannot keep the parked instance's key in {path}: {e}") from None
+    return path
