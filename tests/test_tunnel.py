@@ -126,6 +126,55 @@ def test_bulk_output_arrives_whole_and_before_the_end_of_stream(forward):
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
+def _after_go(payload: bytes) -> Handler:
+    """Send ``payload`` once the client says go (by then its channel has its sink)."""
+
+    def send(conn: socket.socket) -> None:
+        assert conn.recv(2) == b"go"
+        conn.sendall(payload)
+
+    return send
+
+
+def test_a_sinks_data_skips_the_transports_dispatch_loop(link, forward, monkeypatch):
+    """AES-GCM packets are decrypted out of the read-ahead buffer and a sink's data held at
+    once: none of it goes through paramiko's Message dispatch (the slow path)."""
+    if type(link.transport) is paramiko.Transport:
+        pytest.skip("paramiko's own transport has no fast path")
+    assert link.transport.remote_cipher == "aes128-gcm@openssh.com"
+    dispatched = []
+    handler = _paramiko._SinkTransport._channel_handler_table[MSG_CHANNEL_DATA]
+    monkeypatch.setitem(
+        _paramiko._SinkTransport._channel_handler_table,
+        MSG_CHANNEL_DATA,
+        lambda chan, m: (dispatched.append(chan), handler(chan, m)),
+    )
+    payload = os.urandom(4 * 1024 * 1024)
+    sock = forward(_after_go(payload))
+    sock.sendall(b"go")
+    assert recv_all(sock) == payload
+    assert dispatched == []
+
+
+def test_key_exchanges_in_the_middle_of_bulk_output_lose_nothing(link, forward, monkeypatch):
+    """A key exchange every MiB each way (paramiko's path) between fast-path packets."""
+    packetizer = link.transport.packetizer
+    keys: list[object] = []
+    set_inbound_cipher = packetizer.set_inbound_cipher
+    monkeypatch.setattr(packetizer, "REKEY_BYTES", 1024 * 1024)
+    monkeypatch.setattr(
+        packetizer,
+        "set_inbound_cipher",
+        lambda *a, **kw: (keys.append(a), set_inbound_cipher(*a, **kw)),
+    )
+    payload = os.urandom(8 * 1024 * 1024)
+    sock = forward(_after_go(payload))
+    sock.sendall(b"go")
+    received = recv_all(sock)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert len(keys) >= 4, f"{len(keys)} key exchanges for 8 MiB"
+
+
 def test_a_slow_reader_holds_the_sender_back_and_loses_nothing(forward):
     payload = os.urandom(64 * 1024 * 1024)
     accepted = 0  # bytes the remote side's socket took while nobody read locally
