@@ -157,7 +157,8 @@ def test_a_sinks_data_skips_the_transports_dispatch_loop(link, forward, monkeypa
 
 
 def test_key_exchanges_in_the_middle_of_bulk_output_lose_nothing(link, forward, monkeypatch):
-    """A key exchange every MiB each way (paramiko's path) between fast-path packets."""
+    """Key exchanges (paramiko's path) between fast-path packets: one asked for after each
+    MiB received, so several, however much the sender has in flight meanwhile."""
     packetizer = link.transport.packetizer
     keys: list[object] = []
     set_inbound_cipher = packetizer.set_inbound_cipher
@@ -167,12 +168,12 @@ def test_key_exchanges_in_the_middle_of_bulk_output_lose_nothing(link, forward, 
         "set_inbound_cipher",
         lambda *a, **kw: (keys.append(a), set_inbound_cipher(*a, **kw)),
     )
-    payload = os.urandom(8 * 1024 * 1024)
+    payload = os.urandom(24 * 1024 * 1024)
     sock = forward(_after_go(payload))
     sock.sendall(b"go")
     received = recv_all(sock)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
-    assert len(keys) >= 4, f"{len(keys)} key exchanges for 8 MiB"
+    assert len(keys) >= 2, f"{len(keys)} key exchanges for 24 MiB"
 
 
 def test_a_slow_reader_holds_the_sender_back_and_loses_nothing(forward):
