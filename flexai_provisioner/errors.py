@@ -59,6 +59,10 @@ class NotFoundError(PlatformError):
     """The instance does not exist (or belongs to someone else)."""
 
 
+class DeletionTimeoutError(PlatformError, FlexAITimeoutError):
+    """The platform did not confirm a deletion in time; the instance may still be billed."""
+
+
 class ProvisioningError(FlexAIError):
     """The instance did not become usable."""
 

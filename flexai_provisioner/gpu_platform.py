@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from .errors import (
+    DeletionTimeoutError,
     NotFoundError,
-    PlatformError,
     ProvisioningError,
     ProvisioningTimeoutError,
     StartCancelledError,
@@ -206,7 +206,7 @@ def wait_deleted(platform: Platform, instance_id: str, timeout: float, poll: flo
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise PlatformError(
+            raise DeletionTimeoutError(
                 f"instance {instance_id} was still {instance.state.value} {timeout:g} s after "
                 "its deletion was requested; it may still be billed: delete it again later"
             )

@@ -22,6 +22,7 @@ from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import (
     AuthenticationError,
     ConfigurationError,
+    FlexAITimeoutError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
@@ -644,5 +645,6 @@ def test_a_deletion_under_way_is_waited_for(scripted: ScriptedAPI) -> None:
 
 def test_wait_deleted_times_out_with_a_platform_error(scripted: ScriptedAPI) -> None:
     scripted.script((200, _instance_json(state="stopping", ssh=None)))
-    with pytest.raises(PlatformError, match=r"still stopping 0\.2 s after"):
+    with pytest.raises(PlatformError, match=r"still stopping 0\.2 s after") as info:
         wait_deleted(FlexAIClient(scripted.url, "k"), "inst-1", timeout=0.2, poll=0.05)
+    assert isinstance(info.value, FlexAITimeoutError)
