@@ -4,7 +4,8 @@
 data classes or into one of the :mod:`~flexai_provisioner.errors`, so callers never see a
 ``requests``, JSON or ``KeyError`` exception. Every call it makes is safe to repeat (provision
 carries an ``Idempotency-Key``), so every call is retried on transient failures. Where the API
-is and its key come from :mod:`~flexai_provisioner.credentials`.
+is and its key come from :mod:`~flexai_provisioner.credentials`; the answers' JSON is read by
+:mod:`~flexai_provisioner.api_json`.
 """
 
 from __future__ import annotations
