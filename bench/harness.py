@@ -84,14 +84,16 @@ def use_openssh_when_labelled() -> None:
 
     connect = session.InstanceSession.connect
 
-    def connect_then_swap(self: session.InstanceSession, phase: Any) -> None:
-        connect(self, phase)
+    def connect_then_swap(self: session.InstanceSession, phase: Any) -> dict[str, int]:
+        ports = connect(self, phase)
         if self.settings.labels.get(_FORWARDER_LABEL) == "openssh":
             assert self.tunnel is not None and self.conn is not None
             self.tunnel.close()
-            tunnel = OpenSSHTunnel(session.PORT_NAMES, private_key=self.key.private_openssh)
+            tunnel = OpenSSHTunnel(session.PORT_NAMES, private_key=self.key.pair.private_openssh)
             tunnel.start(self.conn.transport)
             self.tunnel = tunnel  # type: ignore[assignment]
+            ports = self.local_ports
+        return ports
 
     session.InstanceSession.connect = connect_then_swap  # type: ignore[method-assign]
 

@@ -29,13 +29,13 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 
+from .config import check_gpu_count
 from .errors import ConfigurationError
 
 __all__ = [
     "KERNEL_NAME_PREFIX",
     "LAUNCHER_MODULE",
     "PROVISIONER_NAME",
-    "check_gpu_count",
     "install_kernelspecs",
     "ipykernel_argv",
     "kernel_name",
@@ -62,7 +62,6 @@ _manager_log = logging.getLogger(f"{__name__}.manager")
 _manager_log.setLevel(logging.ERROR)
 
 _GPU_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
-_MAX_GPU_COUNT = 8
 
 
 def _check_gpu_type(gpu_type: str) -> str:
@@ -77,17 +76,6 @@ def _check_gpu_type(gpu_type: str) -> str:
 def kernel_name(gpu_type: str) -> str:
     """The kernelspec name for ``gpu_type``: ``flexai-`` plus the type in lower case."""
     return KERNEL_NAME_PREFIX + _check_gpu_type(gpu_type).lower()
-
-
-def check_gpu_count(gpu_count: object) -> int:
-    """Reject a GPU count that is not an integer from 1 to 8."""
-    if isinstance(gpu_count, bool) or not isinstance(gpu_count, int):
-        raise ConfigurationError(f"invalid GPU count {gpu_count!r}: it must be an integer")
-    if not 1 <= gpu_count <= _MAX_GPU_COUNT:
-        raise ConfigurationError(
-            f"invalid GPU count {gpu_count}: it must be between 1 and {_MAX_GPU_COUNT}"
-        )
-    return gpu_count
 
 
 def launcher_argv(gpu_type: str, gpu_count: int = 1, python: str | None = None) -> list[str]:

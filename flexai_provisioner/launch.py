@@ -41,12 +41,15 @@ from typing import Any
 
 from . import executor, progress
 from .client import FlexAIClient
+from .config import SessionSettings, check_gpu_count
 from .errors import ConfigurationError, FlexAIError
-from .kernelspecs import check_gpu_count, ipykernel_argv, kernel_name
+from .kernel_key import KernelKey
+from .kernelspecs import ipykernel_argv, kernel_name
 from .ledger import Ledger
+from .provisioner import FlexAIProvisioner
 from .reaper import reap_and_report
-from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings
-from .ssh import TRANSPORT_LOG, generate_keypair
+from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession
+from .ssh import TRANSPORT_LOG
 
 PROG = "python -m flexai_provisioner.launch"
 
@@ -100,7 +103,7 @@ class Launcher:
         self.gpu_count = gpu_count
         self.connection = connection
         self.kernel_id = str(uuid.uuid4())
-        self.settings = settings or SessionSettings()
+        self.settings = settings or SessionSettings.defaults(FlexAIProvisioner)
         self._signals: list[int] = []  # appended by handlers, consumed by the main loop
         self._wake_r, self._wake_w = os.pipe()
         self._started = threading.Event()  # the remote kernel runs
@@ -119,14 +122,8 @@ class Launcher:
         platform = FlexAIClient()
         ledger = Ledger()
         executor.submit(lambda: reap_and_report(platform, ledger, platform.api_url, log))
-        session = InstanceSession(
-            platform,
-            ledger,
-            platform.api_url,
-            generate_keypair(f"flexai-kernel-{self.kernel_id}"),
-            self.settings,
-            log,
-        )
+        key = KernelKey.for_kernel(self.kernel_id)
+        session = InstanceSession(platform, ledger, platform.api_url, key, self.settings, log)
         self.session = session
         try:
             # At once, before minutes of provisioning: the frontend may check that the
@@ -143,22 +140,15 @@ class Launcher:
     def _start(self) -> None:
         assert self.session is not None
         phase = progress.reporter(log, self.kernel_id, time.monotonic(), self._instance_id)
-        connection = {
-            "key": self.connection.get("key", ""),
-            "signature_scheme": self.connection.get("signature_scheme", "hmac-sha256"),
-            "kernel_name": self.connection.get("kernel_name", ""),
-        }
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         try:
-            self.session.plan_workspace(os.getcwd(), self.kernel_id)
-            self.session.provision(self.gpu_type, self.gpu_count, self.kernel_id, phase)
-            self.session.connect(phase)
-            if self.session.workspace is not None:
-                self.session.keep_key(self.kernel_id)  # for `jupyter flexai sync`
-            self.session.upload_workspace(phase)
-            phase("starting kernel")
+            # No provisioner info to reattach with: the key is kept only for a workspace's
+            # `jupyter flexai sync`.
+            self.session.start(
+                os.getcwd(), self.gpu_type, self.gpu_count, self.kernel_id, phase, keep_key=False
+            )
             argv = ipykernel_argv(self.settings.remote_python)
-            self.session.launch_kernel(argv, connection, env)
+            self.session.launch_kernel(argv, self.connection, env)
             self._started.set()
             phase("ready")
         except BaseException as e:
@@ -231,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workspace-max-mb",
         type=float,
-        default=SessionSettings.workspace_max_mb,
+        default=FlexAIProvisioner.workspace_max_mb.default_value,
         metavar="MB",
         help="refuse to copy a directory holding more (default: %(default)g)",
     )
@@ -252,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         connection = read_connection_file(args.connection_file)
         if not (math.isfinite(args.workspace_max_mb) and args.workspace_max_mb > 0):
             raise ConfigurationError("--workspace-max-mb must be a number of MB > 0")
-        settings = SessionSettings(workspace=args.workspace, workspace_max_mb=args.workspace_max_mb)
+        settings = SessionSettings.defaults(
+            FlexAIProvisioner, workspace=args.workspace, workspace_max_mb=args.workspace_max_mb
+        )
         launcher = Launcher(args.gpu, args.gpu_count, connection, settings)
         return launcher.run()
     except FlexAIError as e:

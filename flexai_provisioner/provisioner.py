@@ -22,14 +22,11 @@ before the error propagates.
 from __future__ import annotations
 
 import asyncio
-import difflib
-import math
 import os
 import signal
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -37,25 +34,23 @@ from traitlets import Bool, Dict, Float, Integer, Unicode, default
 
 from . import executor, exit_cleanup, progress
 from .client import FlexAIClient
-from .credentials import credentials_path
-from .errors import ConfigurationError, StartCancelledError, WorkspaceError
+from .config import SessionSettings, check_provisioner_config
+from .errors import StartCancelledError, WorkspaceError
+from .kernel_key import KernelKey
 from .kernelspecs import remote_argv
 from .ledger import Ledger
 from .reaper import reap_and_report
-from .session import FORWARDED_ENV, PORT_NAMES, InstanceSession, SessionSettings
-from .ssh import KeyPair, generate_keypair, load_private_key
+from .session import FORWARDED_ENV, InstanceSession
 from .workspace import SyncReport
-
-T = TypeVar("T")
 
 
 def starting() -> dict[str, FlexAIProvisioner]:
     """The provisioners of this process whose kernel's first start is under way, by kernel id
     (for :meth:`FlexAIProvisioner.cancel_start`)."""
-    return dict(_starting)
+    return dict(_first_starts)
 
 
-_starting: dict[str, FlexAIProvisioner] = {}
+_first_starts: dict[str, FlexAIProvisioner] = {}
 
 
 class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -170,118 +165,117 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return os.environ.get("FLEXAI_API_KEY", "")
 
     _session: InstanceSession | None = None
-    _key_file: Path | None = None
     _start_phase: Callable[..., None] | None = None  # reports the start in progress
     _cancel_reason: str | None = None
     _restarting = False  # from cleanup(restart=True) until the restart's kernel is launched
     _notebook: str | None = None  # the path of the session's notebook, for progress events
 
-    # -- helpers -------------------------------------------------------------------------
+    # -- start ---------------------------------------------------------------------------
 
-    def _phase(self, start: float) -> Callable[..., None]:
-        self._start_phase = progress.reporter(
-            self.log, self.kernel_id, start, lambda: self.instance_id, self._notebook
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Bring the instance up (first start) or copy the folder again (restart), and write
+        the connection file for its local ports."""
+        kwargs = await super().pre_launch(**kwargs)
+        if self._session is not None and not await asyncio.to_thread(self._session.reusable):
+            # Deleted by the platform or unreachable: a restart starts over on a new instance.
+            self.log.warning(
+                "FlexAI kernel %s: instance %s is lost (%s); provisioning a new one",
+                self.kernel_id,
+                self.instance_id,
+                self.lost_reason,
+            )
+            await self._teardown()
+        self._notebook = kwargs["env"].get("JPY_SESSION_NAME") or None
+        if self._session is None:
+            try:
+                await self._bring_up(kwargs.get("cwd"))
+            except Exception:
+                if self._restarting:
+                    self._report_dead()
+                raise
+        else:  # a restart: the folder may have changed meanwhile
+            await self._or_abandon(asyncio.to_thread(self._session.upload_workspace))
+        assert self._session is not None
+        km = self.parent
+        km.transport = "tcp"
+        km.ip = "127.0.0.1"
+        for name, port in self._session.local_ports.items():
+            setattr(km, name, port)
+        try:
+            km.write_connection_file(jupyter_session=kwargs["env"].get("JPY_SESSION_NAME", ""))
+        except BaseException as e:  # nobody would clean up after us: jupyter_client won't
+            await self._abandon_start(e)
+            raise
+        self.connection_info = km.get_connection_info()
+        argv = remote_argv(self.kernel_spec.argv, self.remote_python)
+        kwargs["cmd"] = argv + kwargs.pop("extra_arguments", [])
+        return kwargs
+
+    async def _bring_up(self, cwd: str | None) -> None:
+        """Check the config, make the kernel's host object and start it; on any failure or
+        cancellation delete what exists."""
+        check_provisioner_config(self)
+        exit_cleanup.install_signal_handler()
+        platform = self._client(self.api_url or None)
+        ledger = Ledger()
+        if self.reap_orphans_at_start:
+            # In the background: an orphan's deletion must not delay this kernel's start.
+            executor.submit(lambda: reap_and_report(platform, ledger, platform.api_url, self.log))
+        key = await asyncio.to_thread(
+            KernelKey.for_kernel, self.kernel_id, self.ssh_key_file, self.ssh_key_passphrase
         )
-        return self._start_phase
-
-    def _settings(self) -> SessionSettings:
-        return SessionSettings(
-            provision_timeout=self.provision_timeout,
-            launch_timeout=self.launch_timeout,
-            connect_timeout=self.ssh_connect_timeout,
-            keepalive_interval=self.ssh_keepalive_interval,
-            reconnect_timeout=self.reconnect_timeout,
-            delete_timeout=self.delete_timeout,
-            instance_ttl=self.instance_ttl or None,
-            remote_python=self.remote_python,
-            labels=dict(self.labels),
-            workspace=self.workspace,
-            workspace_max_mb=self.workspace_max_mb,
-            preload_kernel=self.preload_kernel,
+        self._session = session = InstanceSession(
+            platform, ledger, platform.api_url, key, SessionSettings.of(self), self.log,
+            self._report_lost,
+        )  # fmt: skip
+        self._cancel_reason = None
+        _first_starts[self.kernel_id] = self
+        phase = self._phase(time.monotonic())
+        await self._or_abandon(
+            asyncio.to_thread(
+                session.start, cwd, self.gpu_type, self.gpu_count, self.kernel_id, phase
+            )
         )
 
-    def _check_config(self) -> None:
-        """Refuse settings that cannot work before anything is requested, let alone billed.
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start ipykernel on the instance and point the local ports at it."""
+        assert self._session is not None
+        launched = time.monotonic()
+        env = kwargs.get("env", {})
+        remote_env = {k: env[k] for k in (*self.kernel_spec.env, *FORWARDED_ENV) if k in env}
+        # No kernel, so nothing is worth the instance's price: a later start provisions anew.
+        await self._or_abandon(
+            asyncio.to_thread(self._session.launch_kernel, cmd, self.connection_info, remote_env)
+        )
+        self._not_starting()
+        self._restarting = False
+        # A first start is timed from its request, a restart from its launch.
+        report = self._start_phase or self._phase(launched)
+        self._start_phase = None
+        report("ready")
+        return self.connection_info
 
-        jupyter_client passes the kernelspec's provisioner config as keyword arguments, and
-        traitlets ignores unknown ones (a typo like ``gpu_cuont`` would silently give one GPU),
-        so the kernelspec's keys are checked here against the configurable traits.
+    def cancel_start(self, reason: str) -> bool:
+        """Abandon this kernel's first start if it is under way: whatever it made is deleted,
+        and ``start_kernel`` raises :class:`StartCancelledError` giving ``reason``.
+
+        A start waiting for its instance (minutes on a real platform) stops at once; one
+        past that stops after its current step. False if no first start is under way.
+        Call it from the event loop the kernel manager runs on.
         """
-        spec = self.kernel_spec.display_name
-        given = self.kernel_spec.metadata.get("kernel_provisioner", {}).get("config", {})
-        known = sorted(self.trait_names(config=True))
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            near = difflib.get_close_matches(unknown[0], known, n=1)
-            raise ConfigurationError(
-                f"kernelspec {spec!r}: unknown key {unknown[0]!r} in "
-                "metadata.kernel_provisioner.config"
-                + (f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}")
-            )
-        if "api_key" in given:
-            raise ConfigurationError(
-                f"kernelspec {spec!r} holds api_key in its kernel.json, which other users can "
-                f"usually read: remove it, set FLEXAI_API_KEY or api_key in {credentials_path()} "
-                "(mode 0600), and replace the key"
-            )
-        if not self.gpu_type:
-            raise ConfigurationError(
-                f"kernelspec {spec!r} names no GPU type: add "
-                '"gpu_type" to metadata.kernel_provisioner.config, or reinstall it with '
-                "`jupyter flexai install`"
-            )
-        if isinstance(self.gpu_count, bool) or not 1 <= self.gpu_count <= 8:
-            raise ConfigurationError(
-                f"kernelspec {spec!r}: gpu_count must be an integer from 1 to 8, not "
-                f"{self.gpu_count!r}"
-            )
-        for name in (
-            "provision_timeout",
-            "launch_timeout",
-            "ssh_connect_timeout",
-            "ssh_keepalive_interval",
-            "reconnect_timeout",
-            "delete_timeout",
-            "api_timeout",
-            "workspace_max_mb",
-        ):
-            seconds = getattr(self, name)
-            if not (math.isfinite(seconds) and seconds > 0):
-                unit = "MB" if name == "workspace_max_mb" else "seconds"
-                raise ConfigurationError(
-                    f"kernelspec {spec!r}: {name} must be a number of {unit} > 0, not {seconds!r}"
-                )
-        if self.instance_ttl < 0:
-            raise ConfigurationError(
-                f"kernelspec {spec!r}: instance_ttl must be >= 0 seconds (0: no expiry), "
-                f"not {self.instance_ttl}"
-            )
+        if _first_starts.get(self.kernel_id) is not self or self._session is None:
+            return False
+        self._cancel_reason = reason
+        self._session.cancel()
+        return True
 
-    def _keypair(self) -> KeyPair:
-        if self.ssh_key_file:
-            return load_private_key(self.ssh_key_file, self.ssh_key_passphrase or None)
-        return generate_keypair(f"flexai-kernel-{self.kernel_id}")
-
-    def _save_key(self, session: InstanceSession) -> None:
-        """Keep the per-kernel key in a 0600 runtime file, so a restarted server can reattach.
-
-        A user's own key (``ssh_key_file``) is never copied: reattaching reads it again.
-        """
-        if self.ssh_key_file:
-            session.key_file = self.ssh_key_file
-            return
-        self._key_file = session.keep_key(self.kernel_id)
-
-    def _client(self, api_url: str | None) -> FlexAIClient:
-        return FlexAIClient(api_url, self.api_key or None, deadline=self.api_timeout)
-
-    def _remove_key(self) -> None:
-        if self._key_file is not None:
-            self._key_file.unlink(missing_ok=True)
-            self._key_file = None
-
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+    async def _or_abandon(self, step: Awaitable[Any]) -> None:
+        """Await a start step; if it fails or is cancelled, delete what the start made."""
+        try:
+            await step
+        except BaseException as e:
+            await self._abandon_start(e)
+            raise
 
     async def _abandon_start(self, error: BaseException) -> None:
         """Delete what a failed or cancelled first start made; say why it failed, and if it
@@ -302,124 +296,11 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if cancelled:
             raise error from None
 
-    def cancel_start(self, reason: str) -> bool:
-        """Abandon this kernel's first start if it is under way: whatever it made is deleted,
-        and ``start_kernel`` raises :class:`StartCancelledError` giving ``reason``.
-
-        A start waiting for its instance (minutes on a real platform) stops at once; one
-        past that stops after its current step. False if no first start is under way.
-        Call it from the event loop the kernel manager runs on.
-        """
-        if _starting.get(self.kernel_id) is not self or self._session is None:
-            return False
-        self._cancel_reason = reason
-        self._session.cancel.set()
-        return True
-
-    # -- start ---------------------------------------------------------------------------
-
-    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        kwargs = await super().pre_launch(**kwargs)
-        if self._session is not None and not await self._in_thread(self._session.reusable):
-            # Deleted by the platform or unreachable: a restart starts over on a new instance.
-            self.log.warning(
-                "FlexAI kernel %s: instance %s is lost (%s); provisioning a new one",
-                self.kernel_id,
-                self.instance_id,
-                self.lost_reason,
-            )
-            await self._teardown()
-        self._notebook = kwargs["env"].get("JPY_SESSION_NAME") or None
-        if self._session is None:
-            try:
-                await self._bring_up(kwargs.get("cwd"))
-            except Exception:
-                if self._restarting:
-                    self._report_dead()
-                raise
-        else:  # a restart: the folder may have changed meanwhile
-            try:
-                await self._in_thread(self._session.upload_workspace)
-            except BaseException as e:
-                await self._abandon_start(e)
-                raise
-        assert self._session is not None
-        km = self.parent
-        km.transport = "tcp"
-        km.ip = "127.0.0.1"
-        for name, port in self._session.local_ports.items():
-            setattr(km, name, port)
-        try:
-            km.write_connection_file(jupyter_session=kwargs["env"].get("JPY_SESSION_NAME", ""))
-        except BaseException as e:  # nobody would clean up after us: jupyter_client won't
-            await self._abandon_start(e)
-            raise
-        self.connection_info = km.get_connection_info()
-        argv = remote_argv(self.kernel_spec.argv, self.remote_python)
-        kwargs["cmd"] = argv + kwargs.pop("extra_arguments", [])
-        return kwargs
-
-    async def _bring_up(self, cwd: str | None) -> None:
-        """Check the folder, provision, wait, connect, copy the folder; on any failure or
-        cancellation delete what exists."""
-        self._check_config()
-        exit_cleanup.install_signal_handler()
-        platform = self._client(self.api_url or None)
-        ledger = Ledger()
-        if self.reap_orphans_at_start:
-            # In the background: an orphan's deletion must not delay this kernel's start.
-            executor.submit(lambda: reap_and_report(platform, ledger, platform.api_url, self.log))
-        key = await self._in_thread(self._keypair)
-        session = InstanceSession(
-            platform, ledger, platform.api_url, key, self._settings(), self.log
-        )
-        session.on_lost = self._report_lost
-        self._session = session
-        self._cancel_reason = None
-        _starting[self.kernel_id] = self
-        phase = self._phase(time.monotonic())
-        try:
-            await self._in_thread(session.plan_workspace, cwd, self.kernel_id)
-            await self._in_thread(
-                session.provision, self.gpu_type, self.gpu_count, self.kernel_id, phase
-            )
-            await self._in_thread(session.connect, phase)
-            await self._in_thread(self._save_key, session)
-            await self._in_thread(session.upload_workspace, phase)
-            phase("starting kernel")
-        except BaseException as e:
-            await self._abandon_start(e)
-            raise
-
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        assert self._session is not None
-        launched = time.monotonic()
-        env = kwargs.get("env", {})
-        remote_env = {k: env[k] for k in (*self.kernel_spec.env, *FORWARDED_ENV) if k in env}
-        info = self.connection_info
-        connection = {
-            "key": info["key"].decode() if isinstance(info["key"], bytes) else info["key"],
-            "signature_scheme": info["signature_scheme"],
-            "kernel_name": info.get("kernel_name", ""),
-        }
-        try:
-            await self._in_thread(self._session.launch_kernel, cmd, connection, remote_env)
-        except BaseException as e:
-            # No kernel, so nothing is worth the instance's price: a later start provisions anew.
-            await self._abandon_start(e)
-            raise
-        self._not_starting()
-        self._restarting = False
-        # A first start is timed from its request, a restart from its launch.
-        report = self._start_phase or self._phase(launched)
-        self._start_phase = None
-        report("ready")
-        return self.connection_info
-
     # -- running -------------------------------------------------------------------------
 
     @property
     def instance_id(self) -> str | None:
+        """The FlexAI instance the kernel runs on."""
         return self._session.instance_id if self._session is not None else None
 
     @property
@@ -447,40 +328,113 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         changed here meanwhile are kept; the instance's versions are saved beside them)."""
         if self._session is None:
             raise WorkspaceError(f"kernel {self.kernel_id} is not running on FlexAI")
-        return await self._in_thread(self._session.sync_workspace)
+        return await asyncio.to_thread(self._session.sync_workspace)
 
     @property
     def has_process(self) -> bool:
+        """Whether a remote kernel is running (or starting) on the instance."""
         return self._session is not None and self._session.has_kernel
 
     async def poll(self) -> int | None:
-        if self._session is None:
-            return 0
-        return self._session.kernel_status()
+        """The remote kernel's exit status, or None while it runs."""
+        return 0 if self._session is None else self._session.kernel_status()
 
     async def wait(self) -> int | None:
+        """Wait for the remote kernel to exit; its status."""
         while (status := await self.poll()) is None:
             await asyncio.sleep(0.05)
         return status
 
     async def send_signal(self, signum: int) -> None:
+        """Signal the remote kernel's process group, through its agent."""
         if self._session is not None:
-            await self._in_thread(self._session.signal, signum)
+            await asyncio.to_thread(self._session.signal, signum)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
+        """The kernel was asked to shut down: hold its ports while they close."""
         if self._session is not None:
             self._session.expect_kernel_exit()
 
     async def kill(self, restart: bool = False) -> None:
+        """Kill the remote kernel."""
         if self._session is not None:
             self._session.expect_kernel_exit()
         await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
+        """Terminate the remote kernel."""
         await self.send_signal(signal.SIGTERM)
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        """At least 5 s: the kernel's exit is learnt over the network."""
         return max(recommended, 5.0)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Forget the old kernel but keep the instance (restart), or copy the kernel's
+        results back and delete the instance."""
+        if self._session is None:
+            return
+        if restart:
+            self._restarting = True
+            await asyncio.to_thread(self._session.stop_kernel)
+        else:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            self._not_starting()
+            return
+        session.cancel()  # let a blocked wait or reconnect return promptly
+        deleted = asyncio.ensure_future(asyncio.to_thread(session.teardown))
+        # A start is over once its instance is deleted, even if our caller stops waiting.
+        deleted.add_done_callback(lambda _: self._not_starting())
+        # Shielded: a second cancellation must not abandon a half-deleted instance.
+        await asyncio.shield(deleted)
+        progress.report_shutdown(self.log, self.kernel_id, session.instance)
+
+    def _not_starting(self) -> None:
+        if _first_starts.get(self.kernel_id) is self:
+            del _first_starts[self.kernel_id]
+
+    # -- persistence ---------------------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """The base info, and what another process needs to take the kernel over."""
+        info = await super().get_provisioner_info()
+        saved = self._session.to_provisioner_info() if self._session is not None else None
+        if saved is not None:
+            info["flexai"] = saved
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        """Take over the kernel another process started (a restarted server)."""
+        await super().load_provisioner_info(provisioner_info)
+        self._session = await asyncio.to_thread(
+            InstanceSession.from_provisioner_info,
+            provisioner_info.get("flexai"),
+            self._client,
+            lambda file: KernelKey.reload(file, self.ssh_key_file, self.ssh_key_passphrase),
+            SessionSettings.of(self),
+            self.log,
+            kernel_id=self.kernel_id,
+            connection_info=self.connection_info,
+            on_lost=self._report_lost,
+        )
+        self.connection_info = {**self.connection_info, **self._session.local_ports}
+
+    # -- reports -------------------------------------------------------------------------
+
+    def _client(self, api_url: str | None) -> FlexAIClient:
+        return FlexAIClient(api_url, self.api_key or None, deadline=self.api_timeout)
+
+    def _phase(self, start: float) -> Callable[..., None]:
+        self._start_phase = progress.reporter(
+            self.log, self.kernel_id, start, lambda: self.instance_id, self._notebook
+        )
+        return self._start_phase
 
     def _report_lost(self, reason: str) -> None:
         """The session gave the instance up (called from the supervisor's thread): a ``lost``
@@ -502,75 +456,3 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if restarter is not None:
             restarter.stop()
             restarter._fire_callbacks("dead")
-
-    # -- stop ----------------------------------------------------------------------------
-
-    async def cleanup(self, restart: bool = False) -> None:
-        if self._session is None:
-            return
-        if restart:
-            self._restarting = True
-            await self._in_thread(self._session.stop_kernel)
-        else:
-            await self._teardown()
-
-    async def _teardown(self) -> None:
-        session, self._session = self._session, None
-        if session is None:
-            self._not_starting()
-            return
-        session.cancel.set()  # let a blocked wait or reconnect return promptly
-        deleted = asyncio.ensure_future(self._in_thread(session.teardown))
-        # A start is over once its instance is deleted, even if our caller stops waiting.
-        deleted.add_done_callback(lambda _: self._not_starting())
-        try:
-            # Shielded: a second cancellation must not abandon a half-deleted instance.
-            await asyncio.shield(deleted)
-        finally:
-            self._remove_key()  # the instance is gone or its deletion owed: the key is no use
-        progress.report_shutdown(self.log, self.kernel_id, session.instance)
-
-    def _not_starting(self) -> None:
-        if _starting.get(self.kernel_id) is self:
-            del _starting[self.kernel_id]
-
-    # -- persistence ---------------------------------------------------------------------
-
-    async def get_provisioner_info(self) -> dict[str, Any]:
-        info = await super().get_provisioner_info()
-        s = self._session
-        if s is not None and s.instance_id is not None:
-            info["flexai"] = {
-                "instance_id": s.instance_id,
-                "api_url": s.api_url,
-                "request_key": s.request_key,
-                "key_file": str(self._key_file) if self._key_file else self.ssh_key_file,
-                "kernel": s.kernel_record(),
-            }
-        return info
-
-    async def load_provisioner_info(self, provisioner_info: dict) -> None:
-        await super().load_provisioner_info(provisioner_info)
-        saved = provisioner_info.get("flexai")
-        if not saved or not saved.get("kernel") or not saved.get("key_file"):
-            raise ConfigurationError("provisioner info holds no FlexAI kernel to reattach to")
-        platform = self._client(saved["api_url"])
-        own_key = saved["key_file"] == self.ssh_key_file
-        key = load_private_key(saved["key_file"], self.ssh_key_passphrase if own_key else None)
-        session = InstanceSession(
-            platform, Ledger(), saved["api_url"], key, self._settings(), self.log
-        )
-        session.on_lost = self._report_lost
-        local_ports = {name: self.connection_info[name] for name in PORT_NAMES}
-        await self._in_thread(
-            session.reattach,
-            saved["request_key"],
-            saved["instance_id"],
-            saved["kernel"],
-            local_ports,
-        )
-        await self._in_thread(session.resume_workspace, self.kernel_id)
-        self._session = session
-        self.connection_info = {**self.connection_info, **session.local_ports}
-        if not own_key:
-            self._key_file = Path(saved["key_file"])

@@ -1,9 +1,12 @@
 """One kernel's instance: provisioned, reached over SSH, forwarded, kept alive, torn down.
 
-:class:`InstanceSession` is the blocking half of the provisioner: every method may wait on
-the network and is called from a worker thread. It outlives kernel restarts (the instance,
-SSH connection and local ports are kept; only the remote kernel is replaced) and is torn
-down once, on shutdown or on any failure during start.
+:class:`InstanceSession` is the per-kernel host object the provisioner and the launcher
+drive: it owns the instance, its SSH connection and local ports, the remote kernel, the
+workspace and the key, and what another process needs to take them over (provisioner info).
+It is the blocking half of the provisioner: every method may wait on the network and is
+called from a worker thread. It outlives kernel restarts (the instance, SSH connection and
+local ports are kept; only the remote kernel is replaced) and is torn down once, on
+shutdown or on any failure during start.
 
 A single supervisor thread per process serves every session: it notices dead SSH links
 (reconnecting with backoff, the kernel keeps running on the instance) and sends the
@@ -14,34 +17,35 @@ not anyone drives the Jupyter event loop (``jupyter execute`` only runs it insid
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from jupyter_core.paths import jupyter_runtime_dir
-
 from . import executor, exit_cleanup, supervisor
+from .config import SessionSettings
 from .deletion import OwedDeletion
 from .errors import (
+    ConfigurationError,
     FlexAIError,
     NotFoundError,
     PlatformError,
+    ProvisioningError,
     SSHError,
     StartCancelledError,
     WorkspaceError,
 )
 from .gpu_platform import Instance, InstanceState, Platform, wait_running
+from .kernel_key import KernelKey
 from .ledger import Ledger, Owner
 from .reaper import LABEL_KERNEL, LABEL_REQUEST, owner_labels
 from .remote_kernel import RemoteKernel, Standby
-from .ssh import KeyPair, SSHConnection, connect
+from .ssh import SSHConnection, connect
 from .tunnel import Tunnel
 from .workspace import SyncReport, Workspace, state_path
 
@@ -58,24 +62,6 @@ class Phase(Protocol):
     def __call__(self, name: str, message: str = "") -> None: ...
 
 
-@dataclass
-class SessionSettings:
-    """The knobs a session needs (the provisioner's traitlets, copied)."""
-
-    provision_timeout: float = 600.0
-    launch_timeout: float = 60.0
-    connect_timeout: float = 30.0
-    keepalive_interval: float = 5.0
-    reconnect_timeout: float = 120.0
-    delete_timeout: float = 60.0
-    instance_ttl: int | None = 900
-    remote_python: str = "python3"
-    labels: dict[str, str] = field(default_factory=dict)
-    workspace: bool = True
-    workspace_max_mb: float = 100.0
-    preload_kernel: bool = True
-
-
 class InstanceSession:
     """The instance behind one kernel, and everything that reaches it."""
 
@@ -84,9 +70,10 @@ class InstanceSession:
         platform: Platform,
         ledger: Ledger,
         api_url: str,
-        key: KeyPair,
+        key: KernelKey,
         settings: SessionSettings,
         log: logging.Logger,
+        on_lost: Callable[[str], None] | None = None,
     ):
         self.platform = platform
         self.ledger = ledger
@@ -94,6 +81,7 @@ class InstanceSession:
         self.key = key
         self.settings = settings
         self.log = log
+        self.on_lost = on_lost  # told why the instance cannot be reached again, once
         self.request_key = str(uuid.uuid4())
         self.instance: Instance | None = None
         self.conn: SSHConnection | None = None
@@ -102,11 +90,8 @@ class InstanceSession:
         self._standby: Future[Standby] | None = None  # the next kernel's agent, preloading
         self._launched = False  # a kernel ran here, so its workspace may hold results
         self.workspace: Workspace | None = None  # the kernel's folder, mirrored on the instance
-        self.key_file: str | None = None  # where another process finds the key, if anywhere
-        self._kept_key: Path | None = None  # written by keep_key, removed at teardown
         self.lost_reason: str | None = None  # set when the instance cannot be reached again
-        self.on_lost: Callable[[str], None] | None = None  # told the reason, once
-        self.cancel = threading.Event()  # set to abandon a start or a reconnect
+        self._cancelled = threading.Event()  # set to abandon a start or a reconnect
         self._reconnecting = False
         self.reconnects = 0  # links replaced after a loss
         self._next_heartbeat = 0.0
@@ -114,18 +99,86 @@ class InstanceSession:
         self._closed = False
         # Held while a start step runs, so teardown waits for an in-flight POST or SSH
         # connect to land (and then deletes what it made) instead of racing it.
-        self._starting = threading.Lock()
+        self._start_step = threading.Lock()
+
+    @classmethod
+    def from_provisioner_info(
+        cls,
+        saved: dict[str, Any] | None,
+        platform_for: Callable[[str], Platform],
+        key_for: Callable[[str], KernelKey],
+        settings: SessionSettings,
+        log: logging.Logger,
+        *,
+        kernel_id: str,
+        connection_info: Mapping[str, Any],
+        on_lost: Callable[[str], None] | None = None,
+    ) -> InstanceSession:
+        """Take over a kernel another process started (a server restarted with persisted
+        info): ``saved`` is what :meth:`to_provisioner_info` gave there; ``platform_for`` and
+        ``key_for`` make the client of its API URL and the key of its key file. The ports
+        of ``connection_info`` are reused if free; the ledger entry becomes this process's."""
+        if not saved or not saved.get("kernel") or not saved.get("key_file"):
+            raise ConfigurationError("provisioner info holds no FlexAI kernel to reattach to")
+        key = key_for(saved["key_file"])
+        platform = platform_for(saved["api_url"])
+        session = cls(platform, Ledger(), saved["api_url"], key, settings, log, on_lost)
+        ports = {name: connection_info[name] for name in PORT_NAMES}
+        session._reattach(saved["request_key"], saved["instance_id"], saved["kernel"], ports)
+        session._resume_workspace(kernel_id)
+        return session
+
+    def to_provisioner_info(self) -> dict[str, Any] | None:
+        """What :meth:`from_provisioner_info` needs, as plain JSON data (None before an
+        instance was requested)."""
+        if self.instance_id is None:
+            return None
+        k = self.kernel
+        return {
+            "instance_id": self.instance_id,
+            "api_url": self.api_url,
+            "request_key": self.request_key,
+            "key_file": self.key.file or "",
+            "kernel": k and {"pid": k.pid, "ports": k.ports, "workdir": k.workdir},
+        }
 
     # -- start ---------------------------------------------------------------------------
 
+    def start(
+        self,
+        folder: str | None,
+        gpu_type: str,
+        gpu_count: int,
+        kernel_id: str,
+        phase: Phase,
+        keep_key: bool = True,
+    ) -> dict[str, int]:
+        """A kernel's first start up to launching it: check its folder, provision, connect,
+        keep the key (if ``keep_key``, or for a workspace's ``jupyter flexai sync``), copy
+        the folder. Returns the local ports. The caller tears down after a failure."""
+        self.plan_workspace(folder, kernel_id)
+        self.provision(gpu_type, gpu_count, kernel_id, phase)
+        ports = self.connect(phase)
+        if keep_key or self.workspace is not None:
+            with self._start_step:  # not after teardown, which removes the file
+                self._check_cancelled()
+                self.keep_key(kernel_id)
+        self.upload_workspace(phase)
+        phase("starting kernel")
+        return ports
+
+    def cancel(self) -> None:
+        """Make a start step or reconnect under way return promptly; a start stops after it."""
+        self._cancelled.set()
+
     def provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
         """Create the instance and wait until it runs. The ledger knows it before the POST."""
-        with self._starting:
+        with self._start_step:
             self._provision(gpu_type, gpu_count, kernel_id, phase)
 
     def _check_cancelled(self) -> None:
         """Between start steps: stop if the start was cancelled (what exists is torn down)."""
-        if self.cancel.is_set():
+        if self._cancelled.is_set():
             raise StartCancelledError("kernel start cancelled")
 
     def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
@@ -142,9 +195,9 @@ class InstanceSession:
         self.instance = self.platform.provision(
             gpu_type,
             gpu_count=gpu_count,
-            ssh_public_key=self.key.public_openssh,
+            ssh_public_key=self.key.pair.public_openssh,
             labels=labels,
-            ttl_seconds=self.settings.instance_ttl,
+            ttl_seconds=self.settings.instance_ttl or None,
             idempotency_key=self.request_key,
         )
         self.ledger.record_instance(self.request_key, self.instance.id)
@@ -164,7 +217,7 @@ class InstanceSession:
             self.instance.id,
             self.settings.provision_timeout,
             on_state=on_state,
-            cancel=self.cancel,
+            cancel=self._cancelled,
         )
 
     def listen(self, ports: dict[str, int] | None = None) -> dict[str, int]:
@@ -178,39 +231,34 @@ class InstanceSession:
             self.tunnel = Tunnel(PORT_NAMES, ports, exact=ports is not None)
         return self.local_ports
 
-    def connect(self, phase: Phase) -> None:
-        """Open the SSH connection, and the local ports unless :meth:`listen` did."""
+    def connect(self, phase: Phase) -> dict[str, int]:
+        """Open the SSH connection, and the local ports unless :meth:`listen` did; return
+        the ports by name."""
         phase("connecting")
-        with self._starting:
+        with self._start_step:
             self._check_cancelled()
             self.conn = self._connect()
             self.listen()
         self._prepare_standby()
         self._check_cancelled()
+        return self.local_ports
 
     def _connect(self) -> SSHConnection:
         assert self.instance is not None and self.instance.ssh is not None
         return connect(
             self.instance.ssh,
-            self.key,
-            connect_timeout=self.settings.connect_timeout,
-            keepalive_interval=self.settings.keepalive_interval,
+            self.key.pair,
+            connect_timeout=self.settings.ssh_connect_timeout,
+            keepalive_interval=self.settings.ssh_keepalive_interval,
         )
 
-    def keep_key(self, kernel_id: str) -> Path:
-        """Keep the private key in a 0600 runtime file, for other processes that need to reach
-        the instance (a restarted server reattaching, ``jupyter flexai sync``). The ledger
-        knows the file, so ``jupyter flexai gc`` removes it if this process dies; teardown
-        removes it otherwise."""
-        path = Path(jupyter_runtime_dir()) / f"flexai-{kernel_id}.key"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.key.private_openssh)
-        self.key_file = str(path)
-        self._kept_key = path
-        self.ledger.record_key_file(self.request_key, str(path))
-        return path
+    def keep_key(self, kernel_id: str) -> None:
+        """Keep a fresh key in its runtime file, for other processes that need to reach the
+        instance. The ledger knows the file, so ``jupyter flexai gc`` removes it if this
+        process dies; teardown removes it otherwise."""
+        kept = self.key.keep(kernel_id)
+        if kept is not None:
+            self.ledger.record_key_file(self.request_key, kept)
 
     def plan_workspace(self, local_dir: str | None, kernel_id: str) -> None:
         """Choose the folder to mirror on the instance (the frontend's ``cwd`` for the
@@ -234,10 +282,10 @@ class InstanceSession:
         assert self.conn is not None and self.instance is not None
         assert self.instance.ssh is not None
         workspace.label = self.instance.id
-        workspace.reach = {"ssh": asdict(self.instance.ssh), "key_file": self.key_file}
+        workspace.reach = {"ssh": asdict(self.instance.ssh), "key_file": self.key.file}
         announce = None if phase is None else lambda detail: phase("uploading files", detail)
         self._check_cancelled()
-        workspace.upload(self.conn, self.settings.connect_timeout, announce, self.cancel)
+        workspace.upload(self.conn, self.settings.ssh_connect_timeout, announce, self._cancelled)
         self._check_cancelled()
 
     def sync_workspace(self) -> SyncReport:
@@ -253,28 +301,33 @@ class InstanceSession:
                 f"the SSH link to instance {workspace.label} is down; sync again once it "
                 "has reconnected"
             )
-        return workspace.download(conn, self.settings.connect_timeout)
+        return workspace.download(conn, self.settings.ssh_connect_timeout)
 
-    def resume_workspace(self, kernel_id: str) -> None:
+    def _resume_workspace(self, kernel_id: str) -> None:
         """Take over the workspace of a kernel reattached to, if it had one."""
         if self.settings.workspace and state_path(kernel_id).exists():
             self.workspace = Workspace.resume(state_path(kernel_id), self.log)
 
     def launch_kernel(
-        self, argv: list[str], connection: dict[str, object], env: dict[str, str]
+        self, argv: list[str], connection_info: Mapping[str, Any], env: dict[str, str]
     ) -> None:
         """Start a kernel on the instance, in its workspace if it has one, and point the
         local ports at it.
 
-        ``connection`` holds the key, signature scheme and kernel name; the instance picks
-        its own ports.
+        Of ``connection_info`` the kernel gets the key, signature scheme and kernel name;
+        the instance picks its own ports.
         """
         assert self.conn is not None and self.tunnel is not None
+        key = connection_info.get("key", "")
         self.kernel = RemoteKernel.launch(
             self.conn,
             python=self.settings.remote_python,
             argv=argv,
-            connection=connection,
+            connection={
+                "key": key.decode() if isinstance(key, bytes) else key,
+                "signature_scheme": connection_info.get("signature_scheme", "hmac-sha256"),
+                "kernel_name": connection_info.get("kernel_name", ""),
+            },
             env=env,
             timeout=self.settings.launch_timeout,
             cwd=self.workspace.remote_dir if self.workspace else None,
@@ -309,22 +362,19 @@ class InstanceSession:
         if future is not None:
             future.add_done_callback(_close_standby)
 
-    def reattach(
+    def _reattach(
         self,
         request_key: str,
         instance_id: str,
         kernel: dict[str, Any],
         local_ports: dict[str, int],
     ) -> None:
-        """Take over a kernel another process started (server restart with persisted info).
-
-        ``kernel`` is what :meth:`kernel_record` gave; ``local_ports`` are reused if free.
-        The ledger entry becomes this process's.
-        """
         self.request_key = request_key
         self.instance = self.platform.get_instance(instance_id)
         if self.instance.state is not InstanceState.RUNNING or self.instance.ssh is None:
-            raise FlexAIError(f"instance {instance_id} is {self.instance.state.value}, not running")
+            raise ProvisioningError(
+                f"instance {instance_id} is {self.instance.state.value}, not running"
+            )
         exit_cleanup.register(self)
         supervisor.watch(self)
         self.conn = self._connect()
@@ -365,11 +415,6 @@ class InstanceSession:
     def remote_pid(self) -> int | None:
         """The kernel's process id on the instance."""
         return self.kernel.pid if self.kernel is not None else None
-
-    def kernel_record(self) -> dict[str, Any] | None:
-        """What :meth:`reattach` needs to take over the running kernel, as plain JSON data."""
-        k = self.kernel
-        return k and {"pid": k.pid, "ports": k.ports, "workdir": k.workdir}
 
     def signal(self, signum: int) -> None:
         """Signal the kernel's process group on the instance (nothing if it is not watched, or
@@ -426,7 +471,7 @@ class InstanceSession:
             return
         if kernel.poll() is not None or not kernel.watching:
             return  # the agent left with its kernel: nothing is there to answer
-        interval = self.settings.keepalive_interval
+        interval = self.settings.ssh_keepalive_interval
         if now - kernel.last_heard > 3 * interval:
             self.log.warning(
                 "no answer from instance %s for %.0f s: treating the SSH link as dead",
@@ -454,7 +499,7 @@ class InstanceSession:
         delay = 0.2
         last_error: Exception | None = None
         try:
-            while not self.cancel.is_set() and not self._closed:
+            while not self._cancelled.is_set() and not self._closed:
                 try:
                     try:
                         self.instance = self.platform.get_instance(self.instance.id)
@@ -488,7 +533,7 @@ class InstanceSession:
                         "c.FlexAIProvisioner.reconnect_timeout to wait longer"
                     )
                     break
-                self.cancel.wait(min(remaining, delay * (1 + random.random())))
+                self._cancelled.wait(min(remaining, delay * (1 + random.random())))
                 delay = min(delay * 2, 5.0)
             if self.lost_reason:
                 self.log.error("kernel on FlexAI is lost: %s", self.lost_reason)
@@ -528,8 +573,8 @@ class InstanceSession:
         If the platform fails to delete it, the deletion is owed: recorded in the ledger and
         retried by the supervisor until it succeeds (and by ``jupyter flexai gc``).
         """
-        self.cancel.set()
-        with self._starting:
+        self._cancelled.set()
+        with self._start_step:
             if self._closed:
                 return
             self._closed = True
@@ -546,8 +591,7 @@ class InstanceSession:
                 self.conn.close()
             self.delete_instance()
         finally:
-            if self._kept_key is not None:  # the instance is gone or its deletion owed
-                self._kept_key.unlink(missing_ok=True)
+            self.key.remove()  # the instance is gone or its deletion owed
             exit_cleanup.unregister(self)
 
     def _save_results(self) -> None:
@@ -561,7 +605,7 @@ class InstanceSession:
         try:
             if not self._launched or self.lost_reason is not None:
                 return  # no kernel ever ran there, or the instance is gone
-            timeout = self.settings.connect_timeout
+            timeout = self.settings.ssh_connect_timeout
             try:
                 if self.conn is None or not self.conn.is_active():
                     raise SSHError("the SSH link is down")

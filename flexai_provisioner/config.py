@@ -1,0 +1,129 @@
+"""The provisioner's configuration rules, each stated once.
+
+Every setting and its default is declared once, as a trait of
+:class:`~flexai_provisioner.provisioner.FlexAIProvisioner`. :class:`SessionSettings` is the
+part of them a kernel's :class:`~flexai_provisioner.session.InstanceSession` needs, read from a
+provisioner or, for the launcher (which reads no Jupyter config), from the traits' defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from traitlets import HasTraits
+
+from .credentials import credentials_path
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .provisioner import FlexAIProvisioner
+
+MAX_GPU_COUNT = 8
+
+# Settings that are a number of seconds (or, for workspace_max_mb, MB) and must be > 0.
+_POSITIVE = (
+    "provision_timeout",
+    "launch_timeout",
+    "ssh_connect_timeout",
+    "ssh_keepalive_interval",
+    "reconnect_timeout",
+    "delete_timeout",
+    "api_timeout",
+    "workspace_max_mb",
+)
+
+
+def check_gpu_count(gpu_count: object) -> int:
+    """Reject a GPU count that is not an integer from 1 to 8."""
+    if (
+        isinstance(gpu_count, bool)
+        or not isinstance(gpu_count, int)
+        or not 1 <= gpu_count <= MAX_GPU_COUNT
+    ):
+        raise ConfigurationError(
+            f"invalid GPU count: gpu_count must be an integer from 1 to {MAX_GPU_COUNT}, "
+            f"not {gpu_count!r}"
+        )
+    return gpu_count
+
+
+def check_provisioner_config(provisioner: FlexAIProvisioner) -> None:
+    """Refuse settings that cannot work before anything is requested, let alone billed.
+
+    jupyter_client passes the kernelspec's provisioner config as keyword arguments, and
+    traitlets ignores unknown ones (a typo like ``gpu_cuont`` would silently give one GPU),
+    so the kernelspec's keys are checked here against the configurable traits.
+    """
+    spec = provisioner.kernel_spec.display_name
+    given = provisioner.kernel_spec.metadata.get("kernel_provisioner", {}).get("config", {})
+    known = sorted(provisioner.trait_names(config=True))
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ConfigurationError(
+            f"kernelspec {spec!r}: unknown key {unknown[0]!r} in "
+            "metadata.kernel_provisioner.config"
+            + (f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}")
+        )
+    if "api_key" in given:
+        raise ConfigurationError(
+            f"kernelspec {spec!r} holds api_key in its kernel.json, which other users can "
+            f"usually read: remove it, set FLEXAI_API_KEY or api_key in {credentials_path()} "
+            "(mode 0600), and replace the key"
+        )
+    if not provisioner.gpu_type:
+        raise ConfigurationError(
+            f"kernelspec {spec!r} names no GPU type: add "
+            '"gpu_type" to metadata.kernel_provisioner.config, or reinstall it with '
+            "`jupyter flexai install`"
+        )
+    try:
+        check_gpu_count(provisioner.gpu_count)
+    except ConfigurationError as e:
+        raise ConfigurationError(f"kernelspec {spec!r}: {e}") from None
+    for name in _POSITIVE:
+        value = getattr(provisioner, name)
+        if not (math.isfinite(value) and value > 0):
+            unit = "MB" if name == "workspace_max_mb" else "seconds"
+            raise ConfigurationError(
+                f"kernelspec {spec!r}: {name} must be a number of {unit} > 0, not {value!r}"
+            )
+    if provisioner.instance_ttl < 0:
+        raise ConfigurationError(
+            f"kernelspec {spec!r}: instance_ttl must be >= 0 seconds (0: no expiry), "
+            f"not {provisioner.instance_ttl}"
+        )
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What an instance session needs of the provisioner's traits, under the same names (see
+    their help)."""
+
+    provision_timeout: float
+    launch_timeout: float
+    ssh_connect_timeout: float
+    ssh_keepalive_interval: float
+    reconnect_timeout: float
+    delete_timeout: float
+    instance_ttl: int
+    remote_python: str
+    labels: dict[str, str]
+    workspace: bool
+    workspace_max_mb: float
+    preload_kernel: bool
+
+    @classmethod
+    def of(cls, configured: HasTraits) -> SessionSettings:
+        """The values of a configured provisioner's traits."""
+        return cls(**{f.name: copy.copy(getattr(configured, f.name)) for f in fields(cls)})
+
+    @classmethod
+    def defaults(cls, declared: type[HasTraits], **changes: Any) -> SessionSettings:
+        """The defaults of the traits ``declared`` declares, with ``changes``."""
+        traits = declared.class_traits()
+        return cls(**{f.name: traits[f.name].default() for f in fields(cls)} | changes)
