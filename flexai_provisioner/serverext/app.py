@@ -90,6 +90,10 @@ class FlexAIExtension(ExtensionApp):
         jupyter_server answers 404 for one it does not list yet: either way the instance
         would boot on and run, billed, attached to nothing. Every shutdown (DELETE of the
         kernel or its session, a kernel switch, culling) goes through this method.
+
+        The method is replaced on the server's kernel manager instance, the only such change
+        the extension makes: a subclass would take ``kernel_manager_class`` away from the
+        user's config (pending kernels, JupyterHub's managers).
         """
         shutdown_kernel = kernel_manager.shutdown_kernel
 
