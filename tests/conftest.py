@@ -18,10 +18,14 @@ Emulator (a local FlexAI platform whose instances are real sshd processes on 127
   ``kernelspecs.add(name, config)`` adds a FlexAI kernelspec with provisioner config changes.
 - ``jupyter_server``: starts ``jupyter server``/``jupyter lab`` subprocesses (on top of
   ``kernelspecs``), each on a free port with a token; all stopped at the end of the test.
+
+Helpers, imported by the tests (``from conftest import until``): ``until`` / ``until_async``,
+the one way a test waits for something; ``serving``, a stand-in HTTP server in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -34,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
@@ -43,6 +47,33 @@ from flexai_provisioner.emulator import Emulator
 from flexai_provisioner.kernelspecs import kernelspec_dict
 
 LEAK_WAIT = 15.0
+POLL = 0.05  # between two tries of a wait: short beside any deadline, light on a loaded machine
+
+T = TypeVar("T")
+
+
+def until(predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """Wait until ``predicate()`` is truthy and return that value; fail the test after
+    ``timeout`` seconds, saying it waited for ``what``."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        _fail_after(deadline, what, timeout)
+        time.sleep(POLL)
+    return result
+
+
+async def until_async(predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """:func:`until` in a coroutine: the event loop (the provisioner's) runs between tries."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        _fail_after(deadline, what, timeout)
+        await asyncio.sleep(POLL)
+    return result
+
+
+def _fail_after(deadline: float, what: str, timeout: float) -> None:
+    if time.monotonic() > deadline:
+        pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @pytest.fixture(scope="session")

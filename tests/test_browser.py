@@ -16,12 +16,12 @@ import json
 import os
 import re
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -45,14 +45,6 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 expect.set_options(timeout=UI_TIMEOUT_MS)  # a loaded machine starts even a local kernel slowly
-
-
-def until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def menu(page: Page, *path: str) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 import pytest
-from conftest import serving
+from conftest import serving, until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -275,10 +275,11 @@ def test_instance_lifecycle(client: FlexAIClient, provision) -> None:
 def test_heartbeat_pushes_back_expiry(client: FlexAIClient, provision) -> None:
     instance = provision(client, "L4", ttl_seconds=3600)
     assert instance.expires_at is not None
-    deadline = time.monotonic() + 5
-    while (beat := client.heartbeat(instance.id)).expires_at == instance.expires_at:
-        assert time.monotonic() < deadline, "heartbeat never moved expires_at"
-        time.sleep(0.05)
+    beat = until(
+        lambda: (b := client.heartbeat(instance.id)).expires_at != instance.expires_at and b,
+        "a heartbeat to move expires_at",
+        5,
+    )
     assert beat.expires_at > instance.expires_at
 
 

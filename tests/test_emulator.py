@@ -16,13 +16,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
 import requests
+from conftest import until
 
 from flexai_provisioner.emulator import Emulator, EmulatorError, Faults, GPUCatalogEntry
 from flexai_provisioner.emulator.keys import new_private_key, public_line, write_private_key
@@ -43,15 +44,6 @@ for fd in (0, 1, 2):
     os.dup2(null, fd)
 os.execvp("sleep", ["sleep", "1000"])
 """
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return result
 
 
 def pid_alive(pid: int) -> bool:
@@ -97,10 +89,10 @@ class Api:
         return response.json()
 
     def wait_state(self, instance_id: str, *states: str, timeout: float = 10.0) -> dict[str, Any]:
-        return wait_for(
+        return until(
             lambda: (inst := self.instance(instance_id))["state"] in states and inst,
-            timeout,
             f"{instance_id} to be {'/'.join(states)}",
+            timeout,
         )
 
     def running(self, **body: Any) -> dict[str, Any]:
@@ -469,7 +461,7 @@ def test_delete_kills_detached_processes_and_sshd(
     pids = [int(daemon), int(nohup)]
     for pid in pids:  # nohup and setsid exec sleep in place, perhaps after we read $!
         cmdline = Path(f"/proc/{pid}/cmdline")
-        wait_for(lambda c=cmdline: c.read_bytes().startswith(b"sleep\0"), what=f"{pid} is sleep")
+        until(lambda c=cmdline: c.read_bytes().startswith(b"sleep\0"), f"{pid} to be sleep", 10)
     # A process that is no descendant of the instance at all, found only by its environment.
     outsider = subprocess.Popen(
         ["sleep", "1002"], env={"FLEXAI_INSTANCE_ID": inst["id"], "PATH": os.defpath}
@@ -643,10 +635,7 @@ def test_fault_fail_for_is_an_outage_that_ends_on_its_own(api: Api, emulator: Em
     assert api.request("PUT", "/_emulator/faults", json={"fail_for": 1.0}).status_code == 200
     for _ in range(3):
         assert_error(api.get("/v1/gpu-types"), 503, "unavailable")
-    deadline = time.monotonic() + 10
-    while api.get("/v1/gpu-types").status_code != 200:
-        assert time.monotonic() < deadline, "the outage did not end"
-        time.sleep(0.1)
+    until(lambda: api.get("/v1/gpu-types").status_code == 200, "the outage to end", 10)
     bad = api.request("PUT", "/_emulator/faults", json={"fail_for": -1})
     assert_error(bad, 400, "invalid_request")
 
@@ -914,7 +903,7 @@ def test_instances_die_with_a_killed_emulator(tmp_path: Path, client_key: tuple[
         assert all(pid_alive(pid) for pid in pids)
         proc.kill()  # no chance to clean up: the instances' inits must notice on their own
         proc.wait()
-        wait_for(lambda: not any(pid_alive(pid) for pid in pids), what="the instance to die")
+        until(lambda: not any(pid_alive(pid) for pid in pids), "the instance to die", 10)
 
 
 def test_command_needs_an_api_key() -> None:

@@ -18,24 +18,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import until
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from flexai_provisioner.session import PORT_NAMES
 
 JUPYTER_FLEXAI = str(Path(sys.executable).with_name("jupyter-flexai"))
-
-
-def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def free_ports(n: int) -> list[int]:
@@ -239,7 +232,7 @@ def test_sigint_interrupts_the_remote_kernel(emulator, frontend):
             return False
         return msg["msg_type"] == "execute_input" and msg["parent_header"]["msg_id"] == msg_id
 
-    until(cell_started, 30, "the cell to start")
+    until(cell_started, "the cell to start", 30)
     interrupted = time.monotonic()
     proc.send_signal(signal.SIGINT)
     reply = kc.get_shell_msg(timeout=30)
@@ -266,7 +259,7 @@ def test_a_stop_signal_deletes_the_instance_then_exits(emulator, frontend, signu
 def test_sigterm_while_the_instance_boots_deletes_it(emulator, frontend):
     emulator.update_faults(provision_delay=30)
     proc = frontend.start()
-    until(lambda: emulator.live_instances(), 30, "the instance to be requested")
+    until(lambda: emulator.live_instances(), "the instance to be requested", 30)
     proc.send_signal(signal.SIGTERM)
     assert frontend.wait(timeout=30) == 128 + signal.SIGTERM
     assert emulator.live_instances() == []
@@ -292,7 +285,7 @@ def test_the_frontends_death_deletes_the_instance(emulator, installed_argv, tmp_
         assert len(emulator.live_instances()) == 1
         parent.kill()
         parent.wait()
-        until(lambda: gone(launcher), 60, "the orphaned launcher to exit")
+        until(lambda: gone(launcher), "the orphaned launcher to exit", 60)
         assert emulator.live_instances() == []
     finally:
         for kc in fe.clients:
@@ -302,7 +295,7 @@ def test_the_frontends_death_deletes_the_instance(emulator, installed_argv, tmp_
         parent.stdout.close()  # type: ignore[union-attr]
         if not gone(launcher):
             os.kill(launcher, signal.SIGKILL)
-            until(lambda: gone(launcher), 10, "the launcher to be killed")
+            until(lambda: gone(launcher), "the launcher to be killed", 10)
 
 
 def test_ports_taken_by_another_process_are_a_clear_error(emulator, frontend):

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from conftest import until_async
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
@@ -61,14 +62,6 @@ async def run_after_reconnect(kc, code: str, attempts: int = 10) -> str:
         if out:
             return out.strip()
     pytest.fail(f"no output from {code!r} after {attempts} attempts")
-
-
-async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def pid_alive(pid: int) -> bool:
@@ -226,7 +219,7 @@ async def test_dead_remote_kernel_is_restarted_on_the_same_instance(emulator, ke
         instance_id, pid = km.provisioner.instance_id, km.provisioner.remote_pid
         os.kill(pid, signal.SIGKILL)  # the "instance" is this machine: an OOM kill, say
         await asyncio.wait_for(restarted.wait(), 60)
-        await until(lambda: km.provisioner.remote_pid not in (None, pid), 60, "a new kernel")
+        await until_async(lambda: km.provisioner.remote_pid not in (None, pid), "a new kernel", 60)
         assert km.provisioner.instance_id == instance_id
         async with connected_client(km) as kc:
             _, out = await run(kc, "print('back')")
@@ -265,8 +258,8 @@ async def test_lost_ssh_link_is_replaced_and_the_kernel_carries_on(emulator, ker
             os.kill(conn_pid, signum)
         try:
             # A count, not `connected`: a reconnect can begin and end between two polls.
-            await until(lambda: km.provisioner.reconnects >= 1, 30, "the reconnection")
-            await until(lambda: km.provisioner.connected, 30, "the new link to be up")
+            await until_async(lambda: km.provisioner.reconnects >= 1, "the reconnection", 30)
+            await until_async(lambda: km.provisioner.connected, "the new link to be up", 30)
         finally:
             for conn_pid in conns:
                 with contextlib.suppress(ProcessLookupError):
@@ -288,7 +281,7 @@ async def test_unreachable_instance_is_reported_dead(emulator, kernelspecs):
         ]
         for pid in victims:  # listener and connection: the instance's network is gone
             os.kill(pid, signal.SIGKILL)
-        await until(lambda: km.provisioner.lost_reason, 30, "the kernel to be given up")
+        await until_async(lambda: km.provisioner.lost_reason, "the kernel to be given up", 30)
         assert not await km.is_alive()
         assert "unreachable" in km.provisioner.lost_reason
         assert "reconnect_timeout" in km.provisioner.lost_reason
@@ -300,7 +293,7 @@ async def test_cancelled_start_deletes_the_instance(emulator, kernelspecs):
     emulator.update_faults(provision_delay=30)
     km = AsyncKernelManager(kernel_name="flexai-a100")
     task = asyncio.ensure_future(km.start_kernel())
-    await until(emulator.live_instances, 30, "the instance to be requested")
+    await until_async(emulator.live_instances, "the instance to be requested", 30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -313,7 +306,7 @@ async def test_a_start_cancelled_while_provisioning_deletes_the_instance_at_once
     emulator.update_faults(provision_delay=30)
     km = AsyncKernelManager(kernel_name="flexai-a100")
     task = asyncio.ensure_future(km.start_kernel())
-    await until(emulator.live_instances, 30, "the instance to be requested")
+    await until_async(emulator.live_instances, "the instance to be requested", 30)
     try:
         assert km.provisioner.kernel_id in starting()
         began = time.monotonic()
@@ -409,7 +402,9 @@ async def test_new_kernel_reaps_the_instance_of_a_killed_owner(emulator, kernels
     km = AsyncKernelManager(kernel_name="flexai-a100")
     await km.start_kernel()
     try:
-        await until(lambda: orphan not in emulator.live_instances(), 30, "the orphan's deletion")
+        await until_async(
+            lambda: orphan not in emulator.live_instances(), "the orphan's deletion", 30
+        )
         assert emulator.live_instances() == [km.provisioner.instance_id]
     finally:
         await km.shutdown_kernel(now=True)
@@ -420,11 +415,11 @@ async def test_platform_expires_the_instance_of_a_killed_owner(emulator, kernels
     owner, instance_id = start_owner("flexai-ttl")
     try:
         alive_until = time.monotonic() + 5  # heartbeats (every 1 s) outlast the 3 s TTL
-        await until(lambda: time.monotonic() > alive_until, 10, "two TTLs to pass")
+        await until_async(lambda: time.monotonic() > alive_until, "two TTLs to pass", 10)
         assert emulator.live_instances() == [instance_id]
     finally:
         kill(owner)
-    await until(lambda: not emulator.live_instances(), 15, "the platform to expire it")
+    await until_async(lambda: not emulator.live_instances(), "the platform to expire it", 15)
 
 
 REATTACH_OWNER = textwrap.dedent(

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import until, until_async
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.manager import AsyncKernelManager
-from test_lifecycle import JUPYTER_FLEXAI, OWNER, connected_client, kill, run, start_owner, until
+from test_lifecycle import JUPYTER_FLEXAI, OWNER, connected_client, kill, run, start_owner
 from traitlets.config import Config
 
 from flexai_provisioner import progress
@@ -85,7 +86,7 @@ async def test_an_owner_in_another_pid_namespace_is_never_reaped(
             km = AsyncKernelManager(kernel_name="flexai-a100")
             await km.start_kernel()
             try:
-                await until(lambda: orphan not in emulator.live_instances(), 30, "the reap")
+                await until_async(lambda: orphan not in emulator.live_instances(), "the reap", 30)
                 done = gc()
                 assert done.returncode == 0, done.stderr
                 assert foreign not in done.stdout
@@ -119,9 +120,9 @@ async def test_a_deletion_during_an_outage_is_retried_until_it_succeeds(
     assert "retrying" in owed[0] and "jupyter flexai gc" in owed[0]
     assert emulator.live_instances() == [instance_id]
     assert [r["delete_owed"] is not None for r in ledger_rows(flexai_env)] == [True]
-    await until(lambda: not emulator.live_instances(), 60, "the owed deletion to be retried")
+    await until_async(lambda: not emulator.live_instances(), "the owed deletion to be retried", 60)
     assert time.monotonic() >= outage_ends
-    await until(lambda: ledger_rows(flexai_env)[0]["deleted_at"], 10, "the ledger to agree")
+    await until_async(lambda: ledger_rows(flexai_env)[0]["deleted_at"], "the ledger to agree", 10)
 
 
 async def test_a_start_that_fails_in_an_outage_leaves_its_deletion_owed_not_lost(
@@ -131,14 +132,14 @@ async def test_a_start_that_fails_in_an_outage_leaves_its_deletion_owed_not_lost
     km = AsyncKernelManager(kernel_name="flexai-a100")
     start = asyncio.ensure_future(km.start_kernel())
     try:
-        await until(lambda: emulator.live_instances(), 30, "the instance to be created")
+        await until_async(lambda: emulator.live_instances(), "the instance to be created", 30)
         emulator.update_faults(fail_for=15)  # the wait for it to boot fails, then its delete
         with pytest.raises(PlatformError, match="503"):
             await start
         [instance_id] = emulator.live_instances()
         [row] = ledger_rows(flexai_env)
         assert row["instance_id"] == instance_id and row["delete_owed"]
-        await until(lambda: not emulator.live_instances(), 60, "the owed deletion")
+        await until_async(lambda: not emulator.live_instances(), "the owed deletion", 60)
     finally:
         if not start.done():
             start.cancel()
@@ -365,14 +366,12 @@ def test_a_server_stopped_during_a_start_deletes_the_booting_instance(
 
 def booting_kernel_id(server) -> str:
     """The id of the first kernel seen waiting for its instance to boot."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def booting() -> list[str]:
         kernels = server.get("api/compute/progress").json()["kernels"]
-        booting = [k["kernel_id"] for k in kernels if k["phase"] == "booting"]
-        if booting:
-            return booting[0]
-        time.sleep(0.05)
-    pytest.fail("no kernel reached its booting phase")
+        return [k["kernel_id"] for k in kernels if k["phase"] == "booting"]
+
+    return until(booting, "a kernel in its booting phase", 60)[0]
 
 
 @contextlib.contextmanager
@@ -443,10 +442,10 @@ async def test_a_kernel_whose_instance_is_reclaimed_restarts_on_a_new_one(emulat
         emulator.preempt(old)  # deleted and forgotten: the platform answers 404 for it
         await asyncio.wait_for(restarted.wait(), 30)  # 404 ends reconnecting at once
         assert time.monotonic() - reclaimed < 30, "the reconnect waited out reconnect_timeout"
-        await until(
+        await until_async(
             lambda: km.provisioner.instance_id not in (None, old) and km.provisioner.remote_pid,
-            90,
             "the kernel on a new instance",
+            90,
         )
         new = km.provisioner.instance_id
         assert emulator.live_instances() == [new]
@@ -492,10 +491,10 @@ async def test_a_lost_kernel_stops_renewing_its_lease(emulator, kernelspecs):
         for pid in emulator.processes():  # the instance's network is gone; it still runs
             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd"):
                 os.kill(pid, signal.SIGKILL)
-        await until(lambda: km.provisioner.lost_reason, 30, "the kernel to be given up")
+        await until_async(lambda: km.provisioner.lost_reason, "the kernel to be given up", 30)
         assert instance_id in emulator.live_instances()
         # Heartbeats (every second) would keep it; without them its 3 s lease runs out.
-        await until(lambda: instance_id not in emulator.live_instances(), 20, "the expiry")
+        await until_async(lambda: instance_id not in emulator.live_instances(), "the expiry", 20)
     finally:
         await km.shutdown_kernel(now=True)
 
@@ -510,10 +509,11 @@ def test_the_server_reports_a_lost_kernel_and_restarts_it(jupyter_server, emulat
     def phases() -> list[dict]:
         return server.get(f"api/compute/progress/{kernel['id']}").json()["phases"]
 
-    deadline = time.monotonic() + 90
-    while not any(p["phase"] == "lost" for p in phases()) or phases()[-1]["phase"] != "ready":
-        assert time.monotonic() < deadline, f"no recovery: {phases()}"
-        time.sleep(0.1)
+    def recovered() -> bool:
+        seen = phases()
+        return any(p["phase"] == "lost" for p in seen) and seen[-1]["phase"] == "ready"
+
+    until(recovered, "the kernel to be lost and ready again", 90)
     [lost] = [p for p in phases() if p["phase"] == "lost"]
     assert lost["instance_id"] == old and "no longer exists" in lost["message"]
     [model] = server.get("api/compute/instances").json()["instances"]

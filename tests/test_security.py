@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from conftest import serving
+from conftest import serving, until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, settings
@@ -350,10 +350,8 @@ def ssh_agent(tmp_path: Path) -> Iterator[str]:
     sock = str(tmp_path / "agent.sock")
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert agent.poll() is None and time.monotonic() < deadline, "ssh-agent did not start"
-            time.sleep(0.01)
+        until(lambda: os.path.exists(sock) or agent.poll() is not None, "ssh-agent to start", 10)
+        assert agent.poll() is None, "ssh-agent exited"
         yield sock
     finally:
         agent.terminate()

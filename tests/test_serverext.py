@@ -13,10 +13,11 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import requests
+from conftest import until
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -24,15 +25,6 @@ from flexai_provisioner.progress import PHASES
 from flexai_provisioner.serverext import SCHEMA_ID
 
 START_PHASES = ["requesting", "connecting", "starting kernel", "ready"]
-
-
-def until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-    return result
 
 
 def ok(response: requests.Response, status: int = 200) -> dict:
