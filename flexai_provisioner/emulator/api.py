@@ -140,24 +140,6 @@ class Handler(BaseHTTPRequestHandler):
             raise invalid(f"Content-Length must be an integer in 0..{MAX_BODY}")
         return self.rfile.read(length) if length else b""
 
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_PUT(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def do_PATCH(self) -> None:
-        self._handle()
-
-    def do_OPTIONS(self) -> None:
-        self._handle()
-
     # --- one request ----------------------------------------------------------------------
 
     def _handle(self) -> None:
@@ -191,6 +173,9 @@ class Handler(BaseHTTPRequestHandler):
             account,
             (time.monotonic() - started) * 1000,
         )
+
+    # BaseHTTPRequestHandler calls do_<METHOD>: every method goes through the one router.
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
 
     def _inject_faults(self) -> None:
         latency = self.server.injector.faults.latency

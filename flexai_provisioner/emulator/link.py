@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from .sockets import accepted, close_now
+
 log = logging.getLogger("flexai_provisioner.emulator.link")
 _ids = itertools.count(1)
 
@@ -51,11 +53,7 @@ class DelayedLink:
         thread.start()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:  # the listener was shut down by stop()
-                return
+        for downstream in accepted(self._listener):
             try:
                 upstream = socket.create_connection(("127.0.0.1", self._target_port), timeout=5)
             except OSError:
@@ -76,7 +74,7 @@ class DelayedLink:
         with self._lock:
             self._stopped = True
             connections, self._connections = list(self._connections), set()
-        _close(self._listener)
+        close_now(self._listener)
         for connection in connections:
             connection.close()
         with self._lock:
@@ -87,13 +85,6 @@ class DelayedLink:
     def _ended(self, connection: _Connection) -> None:
         with self._lock:
             self._connections.discard(connection)
-
-
-def _close(sock: socket.socket) -> None:
-    # Closing a socket does not wake a thread blocked in recv() on it; shutting it down does.
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
 
 
 class _Connection:
@@ -172,7 +163,7 @@ class _Connection:
         for line in self._lines:
             line.halt()
         for sock in self.sockets:
-            _close(sock)
+            close_now(sock)
 
 
 class _DelayLine:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import procs
 from .errors import EmulatorError
+from .sockets import accepted, close_now
 
 SSHD_MISSING = "sshd not found: install OpenSSH server, e.g. `apt-get install openssh-server`"
 _SUBREAPER = str(Path(__file__).with_name("_subreaper.py"))
@@ -218,11 +219,7 @@ class BannerHang:
         self._thread.start()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:  # the listener was shut down by stop()
-                return
+        for conn in accepted(self._listener):
             with self._lock:
                 if self._stopped:
                     conn.close()
@@ -234,7 +231,5 @@ class BannerHang:
             self._stopped = True
             connections, self._connections = self._connections, []
         for sock in [self._listener, *connections]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+            close_now(sock)
         self._thread.join(grace)
