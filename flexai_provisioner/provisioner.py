@@ -22,7 +22,6 @@ before the error propagates.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Float, Integer, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, Unicode
 
 from . import executor, exit_cleanup, progress
 from .client import FlexAIClient
@@ -155,14 +154,6 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "`python -m ipykernel_launcher` with that same Python. False: every kernel is a "
         "new process.",
     ).tag(config=True)
-
-    @default("api_url")
-    def _api_url_default(self) -> str:
-        return os.environ.get("FLEXAI_API_URL", "")
-
-    @default("api_key")
-    def _api_key_default(self) -> str:
-        return os.environ.get("FLEXAI_API_KEY", "")
 
     _session: InstanceSession | None = None
     _start_phase: Callable[..., None] | None = None  # reports the start in progress
