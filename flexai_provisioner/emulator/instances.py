@@ -20,74 +20,22 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import procs
 from .catalog import GPUCatalogEntry
 from .errors import ApiError, EmulatorError, invalid, not_found
-from .faults import FaultInjector, Faults
-from .keys import fingerprint, new_private_key, public_line, write_private_key
-from .link import DelayedLink
-from .sshd import BannerHang, SSHDProcess, start_sshd
+from .faults import FaultInjector
+from .keys import fingerprint
+from .machine import Machines
+from .records import Instance
+from .sshd import SSHDProcess
 from .validation import ProvisionRequest, parse_provision
 
 log = logging.getLogger("flexai_provisioner.emulator")
 
 LIVE_STATES = frozenset({"pending", "provisioning", "running", "stopping"})
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def rfc3339(timestamp: float | None) -> str | None:
-    """The API's time format, written here again on purpose rather than imported from
-    ``flexai_provisioner.rfc3339``: the emulator stands in for another party's server."""
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(eq=False)
-class Instance:
-    """One instance. Mutable fields change under :attr:`Cloud.lock`."""
-
-    id: str
-    account: str
-    request: ProvisionRequest
-    price_per_hour: float
-    created_at: float
-    directory: Path
-    faults: Faults
-    """The faults in force when it was created: later changes do not alter its fate."""
-    ttl_seconds: int | None = None
-    """The lease a heartbeat renews: the request's, until changed (``PATCH``)."""
-    expires_at: float | None = None
-    state: str = "pending"
-    message: str = "queued"
-    ssh: dict[str, Any] | None = None
-    endpoint: SSHDProcess | BannerHang | None = None
-    link: DelayedLink | None = None
-    """The relay clients reach ``endpoint`` through, under the link faults."""
-    cancel: threading.Event = field(default_factory=threading.Event)
-    """Set by stop/delete: the provisioning worker gives up at its next step."""
-    teardown: threading.Lock = field(default_factory=threading.Lock)
-    """Held while starting or ending the endpoint, so the two never interleave."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "gpu_type": self.request.gpu_type,
-            "gpu_count": self.request.gpu_count,
-            "state": self.state,
-            "price_per_hour": self.price_per_hour,
-            "labels": dict(self.request.labels),
-            "created_at": rfc3339(self.created_at),
-            "ttl_seconds": self.ttl_seconds,
-            "expires_at": rfc3339(self.expires_at),
-            "ssh": dict(self.ssh) if self.ssh else None,
-            "message": self.message,
-        }
 
 
 class Cloud:
@@ -107,9 +55,6 @@ class Cloud:
         self.catalog = {entry.name: entry for entry in catalog}
         self.injector = injector
         self.state_dir = state_dir
-        self.sshd_path = sshd_path
-        self.instance_python_dir = instance_python_dir
-        self.user = user
         self.grace = grace
         self.lock = threading.RLock()
         self._instances: dict[str, Instance] = {}
@@ -118,6 +63,14 @@ class Cloud:
         self._reaper = threading.Thread(target=self._reap, name="flexai-emulator-ttl", daemon=True)
         # Instance inits watch the read end; only this process holds the write end.
         self._lifeline_read, self._lifeline_write = os.pipe()
+        self.machines = Machines(
+            injector=injector,
+            sshd_path=sshd_path,
+            instance_python_dir=instance_python_dir,
+            user=user,
+            grace=grace,
+            lifeline=self._lifeline_read,
+        )
 
     # --- capacity -------------------------------------------------------------------------
 
@@ -302,7 +255,7 @@ class Cloud:
                 self._transition(inst, "failed", "injected fault: the instance failed to boot")
                 return
             try:
-                endpoint, host_fingerprint = self._start_endpoint(inst)
+                endpoint, host_fingerprint = self.machines.start_endpoint(inst)
             except EmulatorError as exc:
                 self._transition(inst, "failed", str(exc))
                 return
@@ -311,7 +264,7 @@ class Cloud:
                 self._transition(inst, "failed", f"the emulator failed to start sshd: {exc}")
                 return
             try:
-                link = self._start_link(inst, endpoint.port)
+                link = self.machines.start_link(inst, endpoint.port)
             except OSError as exc:
                 endpoint.stop(self.grace)
                 self._transition(inst, "failed", f"the emulator failed to start its link: {exc}")
@@ -319,73 +272,10 @@ class Cloud:
             ssh = {
                 "host": "127.0.0.1",
                 "port": endpoint.port if link is None else link.port,
-                "user": self.user,
+                "user": self.machines.user,
                 "host_key_fingerprint": host_fingerprint,
             }
             self._transition(inst, "running", "", endpoint=endpoint, link=link, ssh=ssh)
-
-    def _start_link(self, inst: Instance, port: int) -> DelayedLink | None:
-        if not (inst.faults.link_latency_ms or inst.faults.link_bandwidth_mbps):
-            return None
-
-        def shape() -> tuple[float, float]:
-            live = self.injector.faults  # not the instance's snapshot: a link can degrade
-            return live.link_latency_ms / 1000, live.link_bandwidth_mbps * 1e6 / 8
-
-        return DelayedLink(port, shape)
-
-    def session_env(self, inst: Instance) -> dict[str, str]:
-        """The environment sshd gives every session of ``inst`` (its SetEnv)."""
-        return {
-            procs.ENV_VAR: inst.id,
-            "FLEXAI_GPU_TYPE": inst.request.gpu_type,
-            "FLEXAI_GPU_COUNT": str(inst.request.gpu_count),
-            "PATH": f"{self.instance_python_dir}{os.pathsep}{SYSTEM_PATH}",
-            "HOME": str(inst.directory / "home"),
-            "TMPDIR": str(inst.directory / "tmp"),
-        }
-
-    def _start_endpoint(self, inst: Instance) -> tuple[SSHDProcess | BannerHang, str]:
-        host_key = new_private_key()
-        host_key_path = inst.directory / "ssh_host_ed25519_key"
-        write_private_key(host_key, host_key_path)
-        host_public = public_line(host_key, inst.id)
-        host_key_path.with_suffix(".pub").write_text(host_public + "\n")
-        reported = public_line(new_private_key()) if inst.faults.wrong_host_key else host_public
-        authorized = (
-            public_line(new_private_key(), "unrelated-key")
-            if inst.faults.wrong_authorized_key
-            else inst.request.ssh_public_key
-        )
-        authorized_keys = inst.directory / "authorized_keys"
-        fd = os.open(authorized_keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(authorized + "\n")
-        if inst.faults.banner_hang:
-            return BannerHang(), fingerprint(reported)
-        server = start_sshd(
-            sshd_path=self.sshd_path,
-            instance_id=inst.id,
-            directory=inst.directory,
-            host_key=host_key_path,
-            authorized_keys=authorized_keys,
-            user=self.user,
-            session_env=self.session_env(inst),
-            lifeline=self._lifeline_read,
-        )
-        return server, fingerprint(reported)
-
-    def _release(self, inst: Instance) -> None:
-        """End the endpoint and every process of ``inst``. Caller holds ``inst.teardown``."""
-        link, inst.link = inst.link, None
-        if link is not None:
-            link.stop(self.grace)
-        endpoint, inst.endpoint = inst.endpoint, None
-        if endpoint is not None:
-            endpoint.stop(self.grace)
-        survivors = procs.terminate(inst.id, None, self.grace)
-        if survivors:
-            log.warning("instance %s: processes survived SIGKILL: %s", inst.id, sorted(survivors))
 
     def stop_instance(self, inst: Instance) -> None:
         """Stop ``inst``: its processes end, its capacity is freed; it stays listed."""
@@ -394,7 +284,7 @@ class Cloud:
             if inst.state not in LIVE_STATES:
                 return
             self._transition(inst, "stopping", "stopping")
-            self._release(inst)
+            self.machines.release(inst)
             self._transition(inst, "stopped", "stopped", ssh=None)
 
     def delete_instance(self, inst: Instance) -> None:
@@ -405,7 +295,7 @@ class Cloud:
                 return
             if inst.state in LIVE_STATES:
                 self._transition(inst, "stopping", "deleting")
-            self._release(inst)
+            self.machines.release(inst)
             shutil.rmtree(inst.directory, ignore_errors=True)
             self._transition(inst, "deleted", "deleted", ssh=None)
 
