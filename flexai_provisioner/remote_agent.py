@@ -8,11 +8,13 @@ line on stdin:
             survives the SSH connection dropping), print ``{"pid", "ports", "connection_file"}``.
 ``attach``  ``{"pid": N}``: print ``{"pid": N}`` if that kernel still runs, else its exit.
 ``preload`` as ``launch``, but started ahead of need (a standby for the next start or
-            restart): it imports ipykernel *before* reading its spec, then forks the kernel
-            from itself, so that a kernel costs its set-up and not its ~0.3 s of imports.
-            It forks only what ``python -m ipykernel_launcher`` with this same Python and
-            no PYTHON* variables would run, and only while it has a single thread; anything
-            else is started as ``launch`` does.
+            restart): it listens on five ports and prints ``{"ports"}`` at once, imports
+            ipykernel, reads its spec, then forks the kernel from itself (which costs its
+            set-up, not its ~0.3 s of imports) and the fork's ZeroMQ sockets take over the
+            listening ones (``ZMQ_USE_FD``), so connections made meanwhile wait in their
+            backlog: the client's forwards open while ipykernel imports. It forks only what
+            ``python -m ipykernel_launcher`` with this same Python and no PYTHON* variables
+            would run, while it has a single thread; else it closes them, as ``launch``.
 
 Then, in both modes, it stays as the kernel's watcher for as long as its channel is open:
 each further stdin line ``{"signal": S}`` signals the kernel's process group, and when the
@@ -21,11 +23,9 @@ connection file. When stdin closes (the SSH connection dropped or was closed) it
 leaves, and the kernel keeps running.
 
 In ``launch`` and ``attach`` its start-up is on the critical path, so it runs as
-``python3 -I -S`` and imports only ``os``, ``sys``, ``time`` and C modules: ~14 ms from the
-exec request to its first line of work, against ~31 ms with json, subprocess, socket,
-tempfile and shutil (json alone pulls in ``re`` and ``enum``). JSON goes through ``_json``
-(json's C half), the kernel starts with ``posix_spawn``, ports are probed with ``_socket``
-every millisecond; other Pythons than CPython fall back to the standard modules.
+``python3 -I -S`` and imports only ``os``, ``sys``, ``time`` and C modules (~14 ms to its
+first line of work, against ~31 ms with json, subprocess, socket, tempfile and shutil);
+other Pythons than CPython fall back to the standard modules.
 """
 
 import os
@@ -117,22 +117,27 @@ def emit(obj):
     sys.stdout.flush()
 
 
-def reserve_ports(n):
+def reserve_ports(n, backlog=None):
     """Sockets holding ``n`` free loopback ports until the kernel listens on them.
 
-    Bound but not listening, with SO_REUSEADDR: the kernel's own bind (ZeroMQ sets
-    SO_REUSEADDR too) succeeds, while nothing else can take the port meanwhile, neither an
-    outgoing connection's ephemeral port nor another kernel's pick. Closing them at once
-    would leave the port up for grabs during the kernel's ~0.2 s start (seen with 16
-    kernels starting together on one host).
+    Bound with SO_REUSEADDR, so the kernel's own bind (ZeroMQ sets it too) succeeds while
+    nothing else can take the port meanwhile (closing them at once left it up for grabs
+    during the kernel's ~0.2 s start, with 16 kernels starting together on one host); and
+    listening if ``backlog``, for a forked kernel to take over (:func:`hand_over`).
     """
     socks = []
     for _ in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
+        if backlog:
+            s.listen(backlog)
         socks.append(s)
     return socks
+
+
+def port_map(socks):
+    return dict(zip(PORT_NAMES, [s.getsockname()[1] for s in socks]))
 
 
 def release(socks):
@@ -192,8 +197,9 @@ class Child:
         return cls(pid)
 
     @classmethod
-    def fork(cls, argv, env, cwd, log_path, held):
-        """The kernel as a fork of this (preloaded) process; the child never returns."""
+    def fork(cls, argv, env, cwd, log_path, held, bound):
+        """The kernel as a fork of this (preloaded) process, its sockets bound to ``held``'s
+        listening ones (it writes to ``bound`` once all are); the child never returns."""
         os.chdir(cwd)  # here, so that a missing folder is an error the agent can report
         out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         sys.stdout.flush()
@@ -205,7 +211,7 @@ class Child:
         code = 1
         try:
             os.setsid()
-            release(held)  # the kernel binds these ports itself
+            hand_over(held, bound)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(out, 1)
@@ -232,6 +238,35 @@ class Child:
         if self.returncode is None:
             self.returncode = exit_code(os.waitpid(self.pid, 0)[1])
         return self.returncode
+
+
+def hand_over(held, bound):
+    """Bind the kernel's ZeroMQ sockets to ``held``'s listening sockets, by port, as systemd's
+    socket activation does; write to ``bound`` once all are bound."""
+    import threading
+
+    import zmq
+
+    fds = {s.getsockname()[1]: s.detach() for s in held}
+    lock = threading.Lock()  # the heartbeat binds from a thread of its own
+    bind = zmq.Socket.bind
+
+    def bind_held(self, addr):
+        port = addr.rpartition(":")[2] if str(addr).startswith("tcp://") else ""
+        with lock:
+            fd = fds.pop(int(port), None) if port.isdigit() else None
+        if fd is None:
+            return bind(self, addr)
+        self.setsockopt(zmq.USE_FD, fd)
+        try:
+            return bind(self, addr)
+        finally:
+            self.setsockopt(zmq.USE_FD, -1)
+            with lock:
+                if not fds:
+                    os.write(bound, b"1")
+
+    zmq.Socket.bind = bind_held
 
 
 def run_kernel_module(name):
@@ -306,10 +341,12 @@ def listening(port):
         s.close()
 
 
-def launch(spec, lines, preloaded=False):
+def launch(spec, lines, preloaded=False, held=None):
+    """Start the kernel on ``held``'s ports (listening ones, from a standby) or fresh ones."""
     workdir = make_workdir()
-    held = reserve_ports(len(PORT_NAMES))
-    ports = dict(zip(PORT_NAMES, [s.getsockname()[1] for s in held]))
+    early = held is not None  # listening already
+    held = held or reserve_ports(len(PORT_NAMES))
+    ports = port_map(held)
     connection = dict(spec["connection"], ip="127.0.0.1", transport="tcp", **ports)
     connection_file = os.path.join(workdir, "kernel.json")
     fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -319,19 +356,33 @@ def launch(spec, lines, preloaded=False):
     env = dict(os.environ, **spec.get("env", {}))
     log_path = os.path.join(workdir, "kernel.log")
     cwd = spec.get("cwd") or os.path.expanduser("~")
+    timeout = spec.get("timeout", 60)
+    bound = None
     try:
-        if preloaded and forkable(argv, env):
-            proc = Child.fork(argv, env, cwd, log_path, held)
+        if early and preloaded and forkable(argv, env) and hasattr(sys.modules["zmq"], "USE_FD"):
+            bound, bound_w = os.pipe()
+            try:
+                proc = Child.fork(argv, env, cwd, log_path, held, bound_w)
+            finally:
+                os.close(bound_w)
+                release(held)  # the kernel's now: if it dies, connections see them close
         else:
+            if early:
+                release(held)  # the kernel binds them itself, which it cannot while they listen
             proc = Child.spawn(argv, env, cwd, log_path)
     except OSError as e:
         release(held)
+        if bound is not None:
+            os.close(bound)
         rmtree(workdir)
         emit({"error": "cannot start %r: %s" % (argv[0], e)})
         return
-    listening = wait_listening(proc, list(ports.values()), spec.get("timeout", 60))
-    release(held)
-    if not listening:
+    if bound is not None:
+        ready = wait_bound(proc, bound, timeout)
+    else:
+        ready = wait_listening(proc, list(ports.values()), timeout)
+        release(held)
+    if not ready:
         with open(log_path, "rb") as log:
             tail = log.read()[-2000:].decode(errors="replace")
         status = proc.poll()
@@ -357,6 +408,19 @@ def wait_listening(proc, ports, timeout):
         else:
             time.sleep(PROBE_INTERVAL)
     return True
+
+
+def wait_bound(proc, bound, timeout):
+    """Until the forked kernel has bound its sockets (it writes to ``bound``), or exits, or
+    ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([bound], [], [], 0.05)[0]:
+                return os.read(bound, 1) == b"1"
+        return False
+    finally:
+        os.close(bound)
 
 
 def attach(spec, lines):
@@ -416,10 +480,12 @@ def main():
     lines = Lines()
     mode = sys.argv[1]
     if mode == "preload":
+        held = reserve_ports(len(PORT_NAMES), backlog=64)
+        emit({"ports": port_map(held)})
         preloaded = preload()
         spec = lines.read()
         if spec is not None:  # None: the standby was closed before it was needed
-            launch(spec, lines, preloaded)
+            launch(spec, lines, preloaded, held)
         return
     spec = lines.read()
     {"launch": launch, "attach": attach}[mode](spec, lines)

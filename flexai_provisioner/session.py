@@ -319,6 +319,9 @@ class InstanceSession:
         """
         assert self.conn is not None and self.tunnel is not None
         key = connection_info.get("key", "")
+        standby = self._take_standby()
+        if standby is not None:  # its ports listen already: the forwards open meanwhile
+            self.tunnel.preopen(self.conn.transport, standby.ports)
         self.kernel = RemoteKernel.launch(
             self.conn,
             python=self.settings.remote_python,
@@ -331,7 +334,7 @@ class InstanceSession:
             env=env,
             timeout=self.settings.launch_timeout,
             cwd=self.workspace.remote_dir if self.workspace else None,
-            standby=self._take_standby(),
+            standby=standby,
         )
         self._launched = True
         self.tunnel.retarget(self.conn.transport, self.kernel.ports)

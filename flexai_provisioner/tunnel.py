@@ -53,6 +53,9 @@ class Tunnel:
         self._generation = 0  # bumped by every retarget, disconnect and close
         self._pipes: set[Pipe] = set()
         self._parked: list[tuple[str, socket.socket, tuple[str, int]]] = []
+        # Channels opened ahead (preopen), by name: (transport, remote port, channel).
+        self._spare: dict[str, tuple[paramiko.Transport, int, paramiko.Channel]] = {}
+        self._closed = False
         self._listeners: dict[str, socket.socket] = {}
         self.local_ports: dict[str, int] = {}
         try:
@@ -74,6 +77,35 @@ class Tunnel:
         self._fwd.call(self._drop_pipes)
         self._fwd.call(self._unpark)
 
+    def preopen(self, transport: paramiko.Transport, remote_ports: dict[str, int]) -> None:
+        """Open a channel to each of ``remote_ports`` now, for the first connection to that
+        port once it is the target. A standby agent listens on its kernel's ports before
+        the kernel runs (connections wait in the backlog), so the forwards open while
+        ipykernel starts instead of after."""
+        for name, port in remote_ports.items():
+            self._fwd.open_channel(lambda n=name, p=port: self._open_spare(transport, n, p))
+
+    def _open_spare(self, transport: paramiko.Transport, name: str, port: int) -> None:
+        try:
+            chan = open_forward(transport, port, ("127.0.0.1", 0), timeout=10)
+        except SSHError as e:
+            log.debug("no channel opened ahead: %s", e)
+            return
+
+        def keep() -> None:
+            self._drop_spare(name)
+            if self._closed:
+                close_quietly(chan)
+            else:
+                self._spare[name] = (transport, port, chan)
+
+        self._fwd.call(keep)
+
+    def _drop_spare(self, name: str) -> None:
+        spare = self._spare.pop(name, None)
+        if spare is not None:
+            close_quietly(spare[2])
+
     def hold(self) -> None:
         """The kernel is about to exit: park new connections until the next :meth:`retarget`
         (or :meth:`close`) instead of opening channels that its closing ports would refuse."""
@@ -88,6 +120,7 @@ class Tunnel:
         self._generation += 1
         self._fwd.call(self._drop_pipes)
         self._fwd.call(self._drop_parked)
+        self._fwd.call(lambda: [self._drop_spare(name) for name in list(self._spare)])
 
     def close(self) -> None:
         """Stop listening and close every relayed connection."""
@@ -95,10 +128,13 @@ class Tunnel:
         self._generation += 1
 
         def close_all() -> None:
+            self._closed = True
             for sock in self._listeners.values():
                 self._fwd.remove_listener(sock)
             self._drop_pipes()
             self._drop_parked()
+            for name in list(self._spare):
+                self._drop_spare(name)
 
         self._fwd.call(close_all)
 
@@ -137,6 +173,13 @@ class Tunnel:
             sock.close()  # disconnected: the ZeroMQ client retries on its own
             return
         generation = self._generation
+        spare = self._spare.pop(name, None)
+        if spare is not None:
+            chan = spare[2]
+            if spare[:2] == (transport, port) and not (chan.closed or chan.eof_received):
+                self._attach(name, sock, peer, chan, generation)
+                return
+            close_quietly(chan)
         self._fwd.open_channel(lambda: self._open(name, sock, peer, transport, port, generation))
 
     def _open(
@@ -158,17 +201,24 @@ class Tunnel:
             log.debug("%s", e)
             sock.close()
             return
+        self._fwd.call(lambda: self._attach(name, sock, peer, chan, generation))
 
-        def attach() -> None:
-            if self._generation != generation:  # retargeted, reconnected or closed meanwhile
-                close_quietly(chan)
-                self._connect(name, sock, peer)  # to the current target, or closed if none
-                return
-            pipe = Pipe(sock, chan)
-            self._pipes.add(pipe)
-            self._fwd.add_pipe(pipe, self._pipes.discard)
-
-        self._fwd.call(attach)
+    def _attach(
+        self,
+        name: str,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        chan: paramiko.Channel,
+        generation: int,
+    ) -> None:
+        """Relay ``sock`` over ``chan`` (relay thread)."""
+        if self._generation != generation:  # retargeted, reconnected or closed meanwhile
+            close_quietly(chan)
+            self._connect(name, sock, peer)  # to the current target, or closed if none
+            return
+        pipe = Pipe(sock, chan)
+        self._pipes.add(pipe)
+        self._fwd.add_pipe(pipe, self._pipes.discard)
 
     def _park(self, name: str, sock: socket.socket, peer: tuple[str, int], generation: int) -> None:
         if generation != self._generation:  # retargeted meanwhile: try the new kernel now

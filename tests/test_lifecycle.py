@@ -160,6 +160,37 @@ async def test_kernels_are_forked_from_a_preloaded_standby(emulator, kernelspecs
             assert out.split() == ["ipykernel_launcher.py", "kernelspec-env"]
 
 
+async def test_forwards_open_ahead_of_the_kernel_and_none_is_refused(
+    emulator, kernelspecs, monkeypatch, caplog
+):
+    """A standby listens on its kernel's ports before the kernel runs, so the tunnel opens
+    a channel to each while ipykernel starts; the clients' connections use them, and no
+    channel open fails in a whole lifecycle (start, restart, shutdown)."""
+    from flexai_provisioner import tunnel
+
+    opened: list[tuple[int, int]] = []  # (remote port, local peer's port: 0 if ahead)
+    open_forward = tunnel.open_forward
+
+    def recording(transport, port, peer, timeout):
+        chan = open_forward(transport, port, peer, timeout)
+        opened.append((port, peer[1]))
+        return chan
+
+    monkeypatch.setattr(tunnel, "open_forward", recording)
+    caplog.set_level(logging.DEBUG, logger="flexai_provisioner.ssh.transport")
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    async with started(km) as kc:
+        # One for each of the five ports, opened before the kernel was reported.
+        assert len({port for port, peer in opened if peer == 0}) == 5
+        reply, _ = await run(kc, "1")
+        assert reply["status"] == "ok"
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        reply, _ = await run(kc, "2")
+        assert reply["status"] == "ok"
+    assert not [r for r in caplog.records if "open FAILED" in r.getMessage()]
+
+
 @pytest.mark.parametrize(
     ("config", "env"),
     [({"preload_kernel": False}, {}), ({}, {"PYTHONSAFEPATH": "1"})],
