@@ -171,30 +171,41 @@ def release_key(parked: Parked) -> None:
         Path(parked.entry.key_file).unlink(missing_ok=True)
 
 
-def parked_model(entry: Entry, instance: Instance | None, now: float) -> dict[str, object]:
+def parked_model(entry: Entry, instance: Instance, now: float) -> dict[str, object]:
     """What ``jupyter flexai instances`` and ``/api/compute/instances`` say of a parked
-    instance: its kind, when it expires, what it has cost so far and costs per hour
-    (``instance``: its platform record, None if the platform no longer lists it)."""
-    at = datetime.fromtimestamp(now, timezone.utc)
+    instance (``instance``: its platform record): its kind, when it expires, what it has cost
+    so far and costs per hour."""
+    until = entry.parked_until or now
     return {
         "instance_id": entry.instance_id,
-        "state": "parked" if instance is not None else "deleted",
+        "state": "parked",
         "gpu_type": entry.gpu_type,
         "gpu_count": entry.gpu_count,
-        "parked_until": format_time(entry.parked_until or now),
-        "seconds_left": round(max(0.0, (entry.parked_until or now) - now), 1),
-        "price_per_hour": instance.price_per_hour if instance else None,
-        "cost_usd": round(instance.cost(at), 6) if instance else None,
-        "api_url": entry.api_url,
+        "parked_until": format_time(until),
+        "seconds_left": round(max(0.0, until - now), 1),
+        "price_per_hour": instance.price_per_hour,
+        "cost_usd": round(instance.cost(datetime.fromtimestamp(now, timezone.utc)), 6),
     }
 
 
-def discard(platform: Platform, ledger: Ledger, entry: Entry, timeout: float) -> bool:
-    """Delete a parked instance on request (a Stop in the server extension): claimed first,
-    so one a kernel adopted meanwhile is left to it (False)."""
-    if not ledger.claim(entry.request_key):
+def parked_models(platform: Platform, ledger: Ledger, api_url: str) -> list[dict[str, object]]:
+    """The models of this user's parked instances on ``platform`` (at ``api_url``) that it
+    still lists."""
+    rows = ledger.parked(api_url)
+    listed = {i.id: i for i in platform.list_instances()} if rows else {}
+    now = time.time()
+    return [parked_model(e, listed[e.instance_id], now) for e in rows if e.instance_id in listed]
+
+
+def discard(
+    platform: Platform, ledger: Ledger, api_url: str, instance_id: str, timeout: float
+) -> bool:
+    """Delete a parked instance on request (a Stop in the server extension); False if it is
+    not parked. Claimed first, so one a kernel adopted meanwhile is left to it."""
+    rows = [e for e in ledger.parked(api_url) if e.instance_id == instance_id]
+    if not rows or not ledger.claim(rows[0].request_key):
         return False
-    delete_entry(platform, ledger, entry, timeout)
+    delete_entry(platform, ledger, rows[0], timeout)
     return True
 
 

@@ -181,7 +181,7 @@ def test_select_runs_a_kernel_and_stop_deletes_its_instance(server, emulator):
     assert stopped["kernel_id"] == kernel_id and stopped["state"] == "deleted"
     assert stopped["cost_usd"] >= one["cost_usd"]
     assert emulator.live_instances() == []
-    assert ok(server.get("api/compute/instances")) == {"instances": []}
+    assert ok(server.get("api/compute/instances")) == {"instances": [], "parked": []}
     assert kernel_id not in kernel_ids(server)
     assert "no kernel of this server" in error(
         server.get(f"api/compute/instance/{instance_id}"), 404
@@ -253,7 +253,7 @@ def test_select_errors_say_what_to_do(server, kernelspecs, emulator):
         server.post("api/compute/select", json={"gpu_type": "A100"}), 502
     )
     assert emulator.live_instances() == []
-    assert ok(server.get("api/compute/instances")) == {"instances": []}
+    assert ok(server.get("api/compute/instances")) == {"instances": [], "parked": []}
 
 
 def test_an_instance_whose_ssh_hangs_is_a_gateway_timeout(server, kernelspecs, emulator):

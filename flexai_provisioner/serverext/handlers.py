@@ -96,7 +96,7 @@ class InstancesHandler(ComputeHandler):
     @authorized
     async def get(self) -> None:
         models = await self.compute.instance_models()
-        self.reply({"instances": models})
+        self.reply({"instances": models, "parked": await self.compute.parked_models()})
 
 
 class InstanceHandler(ComputeHandler):

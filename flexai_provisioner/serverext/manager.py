@@ -17,6 +17,8 @@ from ..client import FlexAIClient
 from ..errors import ConfigurationError, FlexAIError, NotFoundError
 from ..gpu_platform import GPUType, Instance
 from ..kernelspecs import KERNEL_NAME_PREFIX, PROVISIONER_NAME
+from ..ledger import Ledger
+from ..parking import discard, parked_models
 from ..provisioner import FlexAIProvisioner, starting
 from .models import (
     ComputeError,
@@ -172,6 +174,16 @@ class ComputeManager:
             models.append(self.instance_model(kernel_id, kernel, instance, state, error))
         return models
 
+    async def parked_models(self) -> list[dict[str, Any]]:
+        """This user's instances parked between kernels (``keep_alive``) on the server's
+        platform; none if they cannot be listed (the kernels' instances matter more)."""
+        try:
+            client = self.client()
+            return await asyncio.to_thread(parked_models, client, Ledger(), client.api_url)
+        except (FlexAIError, ComputeError) as e:
+            self.log.warning("cannot list the parked FlexAI instances: %s", e)
+            return []
+
     async def instance_status(self, instance_id: str) -> dict[str, Any]:
         kernel_id, kernel = self.kernel_on(instance_id)
         instance, state, error = None, None, None
@@ -256,8 +268,20 @@ class ComputeManager:
     async def stop(
         self, instance_id: str, reason: str = "stopped through the compute API"
     ) -> dict[str, Any]:
-        """Shut the kernel on ``instance_id`` down, or cancel its start; either deletes the
-        instance."""
+        """Shut the kernel on ``instance_id`` down, or cancel its start, or if it is parked
+        (``keep_alive``) delete it; each deletes the instance."""
+        client = self.client()
+        try:
+            args = (client, Ledger(), client.api_url, instance_id, self._platform_timeout)
+            if await asyncio.to_thread(discard, *args):
+                return {
+                    "kernel_id": None,
+                    "instance_id": instance_id,
+                    "state": "deleted",
+                    "cost_usd": None,
+                }
+        except FlexAIError as e:
+            raise http_error(e) from None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5.0
         while True:
@@ -329,6 +353,8 @@ class ComputeManager:
             return
         self._stopping.add(kernel_id)
         self.log.info("shutting FlexAI kernel %s down: %s", kernel_id, reason)
+        kernel = self.serverapp.kernel_manager.get_kernel(kernel_id)
+        kernel.provisioner.keep_alive = 0  # stopped, or past a limit: deleted, not parked
         try:
             await ensure_async(self.serverapp.kernel_manager.shutdown_kernel(kernel_id))
         finally:
