@@ -106,13 +106,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 class EmulatorProcess:
     """``python -m flexai_provisioner.emulator`` in a subprocess, so it shares no GIL with us.
 
-    Zero provisioning delay; ``link_latency_ms`` each way on SSH connections to instances.
-    Stopped with SIGTERM (it then deletes every instance); it also gets SIGTERM if this
-    process dies without cleaning up.
+    Instances boot in ``provision_delay`` seconds (none by default); ``link_latency_ms`` each
+    way on SSH connections to instances. Stopped with SIGTERM (it then deletes every
+    instance); it also gets SIGTERM if this process dies without cleaning up.
     """
 
-    def __init__(self, env: Environment, link_latency_ms: float = 0.0):
+    def __init__(
+        self, env: Environment, link_latency_ms: float = 0.0, provision_delay: float = 0.0
+    ):
         name = f"emulator-link-{link_latency_ms:g}" if link_latency_ms else "emulator"
+        if provision_delay:
+            name += f"-boot-{provision_delay:g}"
         self.log_path = env.root / f"{name}.log"
         out_path = env.root / f"{name}.out"
         with open(self.log_path, "wb") as log, open(out_path, "wb") as out:
@@ -124,7 +128,7 @@ class EmulatorProcess:
                     "--port=0",
                     f"--api-key={env.api_key}",
                     f"--state-dir={env.root / name}",
-                    "--provision-delay=0",
+                    f"--provision-delay={provision_delay}",
                     f"--link-latency-ms={link_latency_ms}",
                     "--capacity=A100=64",  # the catalog has 8; the scale run needs more
                     "--log-level=WARNING",

@@ -36,6 +36,8 @@ from .harness import (
 from .link import LinkConfig, run_link
 from .link import table as link_table
 from .ops import last_samples, restart, rtts, shutdown, start_ready, throughput
+from .warm import WarmConfig, run_warm
+from .warm import table as warm_table
 from .workspace import measure_workspace, workspace_line
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
@@ -67,6 +69,7 @@ class Config:
     workspace_runs: int = 3
     link: LinkConfig | None = field(default_factory=LinkConfig)  # None: no link run
     link_only: bool = False  # skip the loopback figures
+    warm: WarmConfig | None = field(default_factory=WarmConfig)  # None: no warm-start run
 
     @classmethod
     def quick(cls) -> Config:
@@ -83,6 +86,7 @@ class Config:
             workspace_mb=2,
             workspace_runs=1,
             link=LinkConfig.quick(),
+            warm=WarmConfig.quick(),
         )
 
 
@@ -290,6 +294,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     link = parser.add_mutually_exclusive_group()
     link.add_argument("--no-link", action="store_true", help="skip the run over a delayed link")
     link.add_argument("--link-only", action="store_true", help="only the run over the link")
+    parser.add_argument(
+        "--no-warm",
+        action="store_true",
+        help="skip the warm-start run (two `jupyter execute` runs with keep_alive)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="provisioner logs")
     args = parser.parse_args(argv)
     cfg = Config.quick() if args.quick else Config()
@@ -305,6 +314,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         assert cfg.link is not None
         cfg.link.one_way_ms = args.link_ms
     cfg.link_only = args.link_only
+    if args.no_warm or args.link_only:
+        cfg.warm = None
     return cfg, args
 
 
@@ -381,6 +392,9 @@ async def run(cfg: Config, output: Path) -> int:
             results["link"] = await run_link(cfg.link, env, kernels, log)
             print("\n" + link_table(results["link"]))
             print(workspace_line(results["link"]["workspace"]))
+        if cfg.warm is not None:
+            results["warm"] = await run_warm(cfg.warm, env, log)
+            print("\n" + warm_table(results["warm"]))
         results.setdefault("details", {})["config"] = asdict(cfg)
         results["details"]["machine"] = {
             "python": sys.version.split()[0],

@@ -29,7 +29,7 @@ def _number(value: object) -> bool:
     [
         [],
         pytest.param(
-            ["--openssh", "--no-local-scale", "--no-link"],
+            ["--openssh", "--no-local-scale", "--no-link", "--no-warm"],
             marks=pytest.mark.skipif(not shutil.which("ssh"), reason="no OpenSSH client"),
         ),
     ],
@@ -42,7 +42,7 @@ def test_quick_bench_writes_results(tmp_path: Path, extra: list[str]) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(output.read_text())
@@ -65,6 +65,11 @@ def test_quick_bench_writes_results(tmp_path: Path, extra: list[str]) -> None:
         assert "link" not in results
     else:
         _check_link(results["link"])
+    if "--no-warm" in extra:
+        assert "warm" not in results
+    else:
+        _check_warm(results["warm"])
+        assert "warm start" in result.stdout
     if "--openssh" in extra:
         openssh = results["details"]["openssh"]
         assert set(openssh) == set(FIGURES)
@@ -98,3 +103,13 @@ def _check_link(link: dict) -> None:
         assert section["rtt"][label] >= link["rtt_ms"] / 1000
         assert _number(section["rtt"]["p95"]["excess_rtts"])
         assert all(_number(v) and v > 0 for v in section["throughput"].values()), label
+
+
+def _check_warm(warm: dict) -> None:
+    """The warm-start run: the second `jupyter execute` adopted the first one's instance."""
+    assert warm["adopted"] is True and len(warm["parked_deleted"]) == 1
+    figures = warm["first_reply"]
+    assert all(_number(figures[k]) and figures[k] > 0 for k in ("local", "cold", "warm"))
+    assert figures["ratio"] == pytest.approx(figures["warm"] / figures["local"], 0.01)
+    # The cold start waited for the emulator's boot delay; the warm one did not.
+    assert figures["cold"] >= warm["provision_delay_s"]
