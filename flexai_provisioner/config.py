@@ -92,11 +92,12 @@ def check_provisioner_config(provisioner: FlexAIProvisioner) -> None:
             raise ConfigurationError(
                 f"kernelspec {spec!r}: {name} must be a number of {unit} > 0, not {value!r}"
             )
-    if provisioner.instance_ttl < 0:
-        raise ConfigurationError(
-            f"kernelspec {spec!r}: instance_ttl must be >= 0 seconds (0: no expiry), "
-            f"not {provisioner.instance_ttl}"
-        )
+    for name, zero in (("instance_ttl", "no expiry"), ("keep_alive", "off")):
+        if getattr(provisioner, name) < 0:
+            raise ConfigurationError(
+                f"kernelspec {spec!r}: {name} must be >= 0 seconds (0: {zero}), "
+                f"not {getattr(provisioner, name)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ class KernelKey:
         own = file == own_file
         return cls(load_private_key(file, passphrase if own else None), file, kept=not own)
 
+    @property
+    def own(self) -> bool:
+        """Whether this is the user's own key (``ssh_key_file``), which is never copied."""
+        return self.file is not None and not self._kept
+
     def keep(self, kernel_id: str) -> str | None:
         """Write a fresh key to its runtime file and return the file; None for the user's own
         key, which already has one."""

@@ -32,6 +32,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from .errors import FlexAIError, ParkedInstanceError, PlatformError, SSHError
 from .gpu_platform import Instance, InstanceState, Platform
+from .kernel_key import KernelKey
 from .ledger import Entry, Ledger
 from .reaper import delete_entry
 from .rfc3339 import format_time
@@ -71,23 +72,22 @@ def park(
     request_key: str,
     instance: Instance,
     keep_alive: int,
-    key: KeyPair,
-    own_key: bool,
+    key: KernelKey,
 ) -> None:
     """Park ``instance``: the platform's lease first (so it expires without us), then the key
-    file (unless ``own_key``: the user's key is not copied), then the ledger row. Raises
+    file (not for the user's own key, which is never copied), then the ledger row. Raises
     :class:`FlexAIError` if a step fails (the caller deletes the instance instead); a key file
     written for it is removed then."""
     until = time.time() + keep_alive
     platform.set_ttl(instance.id, keep_alive)
-    path = None if own_key else _write_key(key, instance.id)
+    path = None if key.own else _write_key(key.pair, instance.id)
     try:
         ledger.park(
             request_key,
             until,
             instance.gpu_count,
             None if path is None else str(path),
-            fingerprint(key.private_key),
+            fingerprint(key.pair.private_key),
         )
     except FlexAIError:
         if path is not None:

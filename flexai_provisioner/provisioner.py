@@ -100,6 +100,14 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         help="Seconds the platform keeps an instance whose client stopped sending heartbeats "
         "(0: no expiry). Heartbeats are sent every third of it.",
     ).tag(config=True)
+    keep_alive = Integer(
+        0,
+        help="Seconds to keep a kernel's instance after the kernel shuts down (0: delete it at "
+        "once). The next kernel of the same GPU type and count started by this user on this "
+        "machine, in any process, adopts it instead of waiting for a new one: a fresh kernel "
+        "in a cleared workspace. Unadopted, the platform deletes it after that long; `jupyter "
+        "flexai gc --parked` deletes it sooner.",
+    ).tag(config=True)
     ssh_key_file = Unicode(
         "",
         help="Use this private key instead of a fresh per-kernel key "
@@ -371,15 +379,16 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._restarting = True
             await asyncio.to_thread(self._session.stop_kernel)
         else:
-            await self._teardown()
+            await self._teardown(self.keep_alive)
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, keep_alive: int = 0) -> None:
+        """Delete the instance (with ``keep_alive``, a clean shutdown: park it)."""
         session, self._session = self._session, None
         if session is None:
             self._not_starting()
             return
         session.cancel()  # let a blocked wait or reconnect return promptly
-        deleted = asyncio.ensure_future(asyncio.to_thread(session.teardown))
+        deleted = asyncio.ensure_future(asyncio.to_thread(session.teardown, keep_alive))
         # A start is over once its instance is deleted, even if our caller stops waiting.
         deleted.add_done_callback(lambda _: self._not_starting())
         # Shielded: a second cancellation must not abandon a half-deleted instance.

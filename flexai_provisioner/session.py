@@ -27,13 +27,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import executor, exit_cleanup, supervisor
+from . import executor, exit_cleanup, parking, supervisor
 from .config import SessionSettings
 from .deletion import OwedDeletion
 from .errors import (
     ConfigurationError,
     FlexAIError,
     NotFoundError,
+    ParkedInstanceError,
     PlatformError,
     ProvisioningError,
     SSHError,
@@ -155,10 +156,13 @@ class InstanceSession:
     ) -> dict[str, int]:
         """A kernel's first start up to launching it: check its folder, provision, connect,
         keep the key (if ``keep_key``, or for a workspace's ``jupyter flexai sync``), copy
-        the folder. Returns the local ports. The caller tears down after a failure."""
+        the folder. Returns the local ports. The caller tears down after a failure. A parked
+        instance of this kind (``keep_alive``) is adopted instead of provisioning one."""
         self.plan_workspace(folder, kernel_id)
-        self.provision(gpu_type, gpu_count, kernel_id, phase)
-        ports = self.connect(phase)
+        if not self.adopt(gpu_type, gpu_count, kernel_id, phase):
+            self.provision(gpu_type, gpu_count, kernel_id, phase)
+            self.connect(phase)
+        ports = self.local_ports
         if keep_key or self.workspace is not None:
             with self._start_step:  # not after teardown, which removes the file
                 self._check_cancelled()
@@ -219,6 +223,51 @@ class InstanceSession:
             on_state=on_state,
             cancel=self._cancelled,
         )
+
+    def adopt(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> bool:
+        """Take over a parked instance of this kind (:mod:`.parking`) instead of provisioning:
+        restore its lease, connect with its key, clear the previous kernel's files. False if
+        there is none, or the one claimed is gone or unreachable (then it is deleted, and this
+        session provisions as if none had been found)."""
+        own = self.key.pair if self.key.own else None
+        parked = parking.claim(self.ledger, self.api_url, gpu_type, gpu_count, kernel_id, own)
+        if parked is None:
+            return False
+        fresh, self.request_key = self.key, parked.entry.request_key
+        exit_cleanup.register(self)
+        try:
+            with self._start_step:
+                self._check_cancelled()
+                ttl = self.settings.instance_ttl or None
+                self.instance = parking.revive(self.platform, parked, ttl)
+                if not fresh.own and parked.key is not None:
+                    self.key = KernelKey(parked.key)
+                supervisor.watch(self)
+            self.connect(lambda name, _="": phase(name, f"parked instance {parked.instance_id}"))
+            assert self.conn is not None
+            parking.clear_workspace(self.conn, self.settings.ssh_connect_timeout)
+        except (ParkedInstanceError, SSHError) as e:
+            self.log.warning(
+                "FlexAI parked instance %s cannot be adopted (%s): deleting it and "
+                "provisioning a new one",
+                parked.instance_id,
+                e,
+            )
+            self._drop_instance()
+            self.key, self.request_key = fresh, str(uuid.uuid4())
+            return False
+        parking.release_key(parked)
+        return True
+
+    def _drop_instance(self) -> None:
+        """Forget an instance that could not be adopted, deleting it (if it still exists)."""
+        supervisor.unwatch(self)
+        self._drop_standby()
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        self.delete_instance()
+        self.instance = None
 
     def listen(self, ports: dict[str, int] | None = None) -> dict[str, int]:
         """Open the local ports the kernel will be reached on; return them by name.
@@ -570,19 +619,24 @@ class InstanceSession:
             kernel.wait_exit(timeout)
         kernel.detach()
 
-    def teardown(self) -> None:
+    def teardown(self, keep_alive: int = 0) -> None:
         """Delete the instance and release everything local. Safe to call more than once.
 
         If the platform fails to delete it, the deletion is owed: recorded in the ledger and
-        retried by the supervisor until it succeeds (and by ``jupyter flexai gc``).
+        retried by the supervisor until it succeeds (and by ``jupyter flexai gc``). With
+        ``keep_alive`` (a clean shutdown), a healthy instance is parked for that many seconds
+        instead (:mod:`.parking`), its kernel stopped; one that cannot be parked is deleted.
         """
         self._cancelled.set()
         with self._start_step:
             if self._closed:
                 return
             self._closed = True
+        park = keep_alive > 0 and self._launched and self.lost_reason is None and self.connected
         try:
             supervisor.unwatch(self)
+            if park:
+                self.stop_kernel()  # no process of this kernel's may meet the next one
             if self.kernel is not None:
                 self.kernel.detach()
                 self.kernel = None
@@ -592,7 +646,8 @@ class InstanceSession:
             self._save_results()
             if self.conn is not None:
                 self.conn.close()
-            self.delete_instance()
+            if not (park and self._park(keep_alive)):
+                self.delete_instance()
         finally:
             self.key.remove()  # the instance is gone or its deletion owed
             exit_cleanup.unregister(self)
@@ -627,6 +682,25 @@ class InstanceSession:
             if fresh is not None:
                 fresh.close()
             workspace.forget()
+
+    def _park(self, keep_alive: int) -> bool:
+        assert self.instance is not None
+        try:
+            parking.park(
+                self.platform, self.ledger, self.request_key, self.instance, keep_alive, self.key
+            )
+        except FlexAIError as e:
+            self.log.warning(
+                "could not park FlexAI instance %s (%s): deleting it", self.instance.id, e
+            )
+            return False
+        self.log.info(
+            "FlexAI instance %s parked for %d s (keep_alive): the next kernel of its kind on "
+            "this machine adopts it, else the platform deletes it",
+            self.instance.id,
+            keep_alive,
+        )
+        return True
 
     def delete_instance(self) -> None:
         owed = OwedDeletion(

@@ -1,0 +1,369 @@
+"""Warm starts (``keep_alive``): a kernel's instance parked at shutdown, adopted by the next.
+
+Real emulator, real sshd, real kernels, each kernel in a process of its own as ``jupyter
+execute`` runs would be. Every test ends by deleting what it parked (``gc --parked``), so
+the suite's leak check still proves that nothing else is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import until, until_async
+from test_lifecycle import JUPYTER_FLEXAI
+
+from flexai_provisioner.client import FlexAIClient
+from flexai_provisioner.gpu_platform import InstanceState
+from flexai_provisioner.ledger import Ledger
+
+WARM = "flexai-warm"
+KEEP_ALIVE = 120
+
+# Starts a kernel in a folder, runs code, prints what the test checks, shuts down cleanly;
+# logs on stderr, as under a Jupyter app. argv: kernel name, folder, code. With a 4th
+# argument, waits for a line on stdin first (so that several start their kernels at once).
+RUN = textwrap.dedent(
+    """
+    import json, logging, sys
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from jupyter_client.manager import KernelManager
+    from pathlib import Path
+    from jupyter_core.paths import jupyter_runtime_dir
+    from flexai_provisioner.client import FlexAIClient
+    if len(sys.argv) > 4:
+        sys.stdin.readline()
+    km = KernelManager(kernel_name=sys.argv[1])
+    km.start_kernel(cwd=sys.argv[2])
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    out = []
+    def keep(msg):
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+    reply = kc.execute_interactive(sys.argv[3], timeout=60, output_hook=keep)
+    instance = FlexAIClient().get_instance(km.provisioner.instance_id)
+    parked_keys = sorted(p.name for p in Path(jupyter_runtime_dir()).glob("flexai-parked-*"))
+    print(json.dumps({"instance": instance.id, "ttl": instance.ttl_seconds,
+                      "parked_keys": parked_keys, "status": reply["content"]["status"],
+                      "out": "".join(out)}), flush=True)
+    kc.stop_channels()
+    km.shutdown_kernel()
+    """
+)
+# What the kernel sees: its process, its folder and the workspace root around it.
+LOOK = (
+    "import json, os; print(json.dumps({'pid': os.getpid(), 'here': sorted(os.listdir('.')),"
+    " 'around': sorted(os.listdir('..'))}))"
+)
+
+
+@pytest.fixture
+def warm(kernelspecs):
+    """A kernelspec with a keep-alive, and ``gc --parked`` at the end whatever happened."""
+    kernelspecs.add(WARM, {"keep_alive": KEEP_ALIVE})
+    yield kernelspecs
+    gc("--parked")
+
+
+def gc(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [JUPYTER_FLEXAI, "gc", *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def run(folder: Path, code: str = LOOK, kernel: str = WARM) -> tuple[dict, str]:
+    """One kernel's life in a process of its own: what it printed, and its log."""
+    folder.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN, kernel, str(folder), code],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["status"] == "ok", result
+    return result, done.stderr
+
+
+def looked(result: dict) -> dict:
+    return json.loads(result["out"].splitlines()[-1])
+
+
+def parked_rows(api_url: str) -> dict[str, object]:
+    return {e.instance_id: e for e in Ledger().parked(api_url)}
+
+
+def client() -> FlexAIClient:
+    return FlexAIClient()
+
+
+# -- park, then adopt --------------------------------------------------------------------
+
+
+def test_a_second_process_adopts_the_parked_instance_with_a_fresh_kernel(emulator, warm, tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "input.txt").write_text("data")
+    made = "open('made.txt', 'w').write('result'); " + LOOK
+    one, _ = run(first, made)
+    instance_id = one["instance"]
+
+    # Shut down, yet running: parked with a lease of keep_alive, its key kept 0600.
+    assert emulator.live_instances() == [instance_id]
+    assert (first / "made.txt").read_text() == "result", "results came back as at shutdown"
+    row = parked_rows(emulator.url)[instance_id]
+    assert row.gpu_type == "A100" and row.gpu_count == 1
+    assert row.parked_until == pytest.approx(time.time() + KEEP_ALIVE, abs=30)
+    key = Path(row.key_file)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with client() as c:
+        assert c.get_instance(instance_id).ttl_seconds == KEEP_ALIVE
+
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "other.txt").write_text("x")
+    two, log = run(second)
+    assert two["instance"] == instance_id, log
+    assert re.search(rf"connecting \([\d.]+s\): parked instance {instance_id}", log), log
+    seen = looked(two)
+    assert seen["pid"] != looked(one)["pid"], "a fresh kernel"
+    assert seen["here"] == ["other.txt"], "none of the first kernel's files"
+    assert seen["around"] == ["second"], "the first kernel's folder was cleared"
+    assert two["ttl"] == 900, "the lease was back to instance_ttl while the kernel ran"
+    assert two["parked_keys"] == [], "the adopter removed the parked copy of the key"
+
+    # Parked again after the second kernel; gc --parked deletes it and its key.
+    assert emulator.live_instances() == [instance_id]
+    row = parked_rows(emulator.url)[instance_id]
+    done = gc("--parked")
+    assert instance_id in done.stdout and "parked" in done.stdout
+    assert emulator.live_instances() == []
+    assert not Path(row.key_file).exists()
+    assert parked_rows(emulator.url) == {}
+
+
+def test_instances_shows_a_parked_instance_and_gc_leaves_it_until_asked(emulator, warm, tmp_path):
+    one, _ = run(tmp_path / "nb")
+    instance_id = one["instance"]
+    table = subprocess.run(
+        [JUPYTER_FLEXAI, "instances"], capture_output=True, text=True, timeout=60
+    )
+    (row,) = [line.split() for line in table.stdout.splitlines() if line.startswith(instance_id)]
+    assert row[1] == "parked" and row[6] == "$1.89"
+    assert row[7].startswith("$") and float(row[7][1:]) > 0
+    minutes, seconds = row[8].rstrip("s").split("m")
+    assert 0 < int(minutes) * 60 + int(seconds) <= KEEP_ALIVE
+    listed = subprocess.run(
+        [JUPYTER_FLEXAI, "instances", "--json"], capture_output=True, text=True, timeout=60
+    )
+    (model,) = [i for i in json.loads(listed.stdout) if i["id"] == instance_id]
+    assert model["state"] == "running"
+    assert model["parked"]["state"] == "parked"
+    assert 0 < model["parked"]["seconds_left"] <= KEEP_ALIVE
+    assert model["parked"]["price_per_hour"] == pytest.approx(1.89)
+
+    kept = gc()
+    assert instance_id not in kept.stdout and "1 parked instance(s)" in kept.stdout
+    assert emulator.live_instances() == [instance_id]
+    dry = gc("--parked", "--dry-run")
+    assert instance_id in dry.stdout and emulator.live_instances() == [instance_id]
+    gc("--parked")
+    assert emulator.live_instances() == []
+
+
+def test_an_unadopted_instance_expires_on_the_platform_and_gc_closes_its_row(
+    emulator, warm, tmp_path
+):
+    warm.add("flexai-brief", {"keep_alive": 3})
+    one, _ = run(tmp_path / "nb", kernel="flexai-brief")
+    instance_id = one["instance"]
+    key = Path(parked_rows(emulator.url)[instance_id].key_file)
+    assert key.exists()
+    # No process of ours is left: the platform deletes it once the keep-alive is over.
+    until(lambda: instance_id not in emulator.live_instances(), "the platform to expire it")
+    done = gc()
+    assert instance_id in done.stdout and "keep-alive over" in done.stdout
+    assert parked_rows(emulator.url) == {} and not key.exists()
+
+
+# -- what is not parked ------------------------------------------------------------------
+
+
+def test_without_keep_alive_the_instance_is_deleted_at_shutdown(emulator, kernelspecs, tmp_path):
+    one, _ = run(tmp_path / "nb", kernel="flexai-a100")
+    assert emulator.live_instances() == []
+    with client() as c:
+        assert c.get_instance(one["instance"]).state is InstanceState.DELETED
+    assert parked_rows(emulator.url) == {}
+    assert list(Path(os.environ["JUPYTER_RUNTIME_DIR"]).glob("flexai-*.key")) == []
+
+
+async def test_a_failed_start_deletes_even_with_keep_alive(emulator, warm):
+    from jupyter_client.manager import AsyncKernelManager
+
+    from flexai_provisioner.errors import KernelLaunchError
+
+    warm.add("flexai-broken-warm", {"keep_alive": KEEP_ALIVE, "remote_python": "/no/python"})
+    km = AsyncKernelManager(kernel_name="flexai-broken-warm")
+    with pytest.raises(KernelLaunchError):
+        await km.start_kernel()
+    await until_async(lambda: not emulator.live_instances(), "the failed start's deletion")
+    assert parked_rows(emulator.url) == {}
+
+
+async def test_a_negative_keep_alive_is_refused_before_any_request(emulator, kernelspecs):
+    from jupyter_client.manager import AsyncKernelManager
+
+    from flexai_provisioner.errors import ConfigurationError
+
+    kernelspecs.add("flexai-negative", {"keep_alive": -1})
+    km = AsyncKernelManager(kernel_name="flexai-negative")
+    with pytest.raises(ConfigurationError, match=r"keep_alive must be >= 0 seconds \(0: off\)"):
+        await km.start_kernel()
+    assert emulator.live_instances() == []
+
+
+# -- adoption that cannot happen ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("fate", ["deleted", "preempted", "stopped"])
+def test_a_parked_instance_gone_meanwhile_is_replaced_by_a_new_one(emulator, warm, tmp_path, fate):
+    one, _ = run(tmp_path / "nb")
+    gone = one["instance"]
+    with client() as c:
+        if fate == "deleted":
+            c.delete_instance(gone)
+        elif fate == "stopped":
+            c.stop_instance(gone)
+    if fate == "preempted":
+        emulator.preempt(gone)
+    two, log = run(tmp_path / "nb")
+    assert two["instance"] != gone
+    said = [line for line in log.splitlines() if "cannot be adopted" in line]
+    assert len(said) == 1 and gone in said[0], log
+    assert gone not in emulator.live_instances()
+    assert set(parked_rows(emulator.url)) == {two["instance"]}
+
+
+def test_two_processes_starting_at_once_adopt_one_instance_at_most(emulator, warm, tmp_path):
+    one, _ = run(tmp_path / "nb")
+    parked = one["instance"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RUN, WARM, str(tmp_path / "nb"), LOOK, "wait"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for proc in procs:  # both read the line at once: their claims race
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outputs = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    ids = [json.loads(out.splitlines()[-1])["instance"] for out, _ in outputs]
+    assert ids.count(parked) == 1 and len(set(ids)) == 2, ids
+    assert set(parked_rows(emulator.url)) == set(ids)
+
+
+def test_the_ledger_gives_a_parked_row_to_one_claimant_only(flexai_env, tmp_path):
+    """The claim itself, raced by eight processes released at the same moment."""
+    ledger = Ledger()
+    ledger.record_request("req-1", "http://api", "kernel-1", "A100")
+    ledger.record_instance("req-1", "inst-1")
+    ledger.park("req-1", time.time() + 60, 1, None, "SHA256:x")
+    claim = textwrap.dedent(
+        """
+        import sys
+        from flexai_provisioner.ledger import Ledger
+        ledger = Ledger()
+        sys.stdin.readline()
+        print(ledger.claim("req-1", "kernel-" + sys.argv[1]))
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", claim, str(i)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
+    for proc in procs:  # released together once all are waiting
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    outputs = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    assert sorted(outputs) == ["False"] * 7 + ["True"]
+    (row,) = ledger.live("http://api")
+    assert row.parked_until is None
+    assert row.kernel_id == f"kernel-{outputs.index('True')}"
+
+
+# -- the server extension ----------------------------------------------------------------
+
+
+def test_the_server_lists_parked_instances_and_stop_deletes_them(
+    emulator, warm, jupyter_server, tmp_path
+):
+    server = jupyter_server()
+
+    def start() -> tuple[str, str]:
+        answer = server.post("api/kernels", json={"name": WARM})
+        assert answer.status_code == 201, answer.text
+        kernel_id = answer.json()["id"]
+        (model,) = server.get("api/compute/instances").json()["instances"]
+        return kernel_id, model["instance_id"]
+
+    # A kernel shut down as Jupyter does (its notebook closed) parks its instance...
+    kernel_id, instance_id = start()
+    assert server.delete(f"api/kernels/{kernel_id}").status_code == 204
+    listed = server.get("api/compute/instances").json()
+    assert listed["instances"] == []
+    (parked,) = listed["parked"]
+    assert parked["instance_id"] == instance_id and parked["state"] == "parked"
+    assert (parked["gpu_type"], parked["gpu_count"], parked["price_per_hour"]) == ("A100", 1, 1.89)
+    assert parked["cost_usd"] > 0 and 0 < parked["seconds_left"] <= KEEP_ALIVE
+
+    # ...which the next kernel adopts; Stop on that kernel deletes it rather than park it.
+    kernel_id, adopted = start()
+    assert adopted == instance_id
+    stopped = server.post(f"api/compute/instance/{adopted}/stop")
+    assert stopped.status_code == 200 and stopped.json()["state"] == "deleted"
+    assert emulator.live_instances() == [] and parked_rows(emulator.url) == {}
+
+    # Stop on a parked instance deletes it too.
+    kernel_id, instance_id = start()
+    assert server.delete(f"api/kernels/{kernel_id}").status_code == 204
+    stopped = server.post(f"api/compute/instance/{instance_id}/stop")
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json() == {
+        "kernel_id": None, "instance_id": instance_id, "state": "deleted", "cost_usd": None
+    }  # fmt: skip
+    assert emulator.live_instances() == [] and server.get("api/compute/instances").json() == {
+        "instances": [],
+        "parked": [],
+    }
