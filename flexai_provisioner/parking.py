@@ -20,7 +20,6 @@ keeps its fingerprint, and only a kernel configured with that same key adopts th
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import time
@@ -38,8 +37,6 @@ from .reaper import delete_entry
 from .rfc3339 import format_time
 from .ssh import KeyPair, SSHConnection, fingerprint, load_private_key
 from .workspace.transfer import REMOTE_ROOT
-
-log = logging.getLogger(__name__)
 
 #: A parked instance this close to its expiry is not adopted: the platform may delete it
 #: before the adopter has restored its lease.
@@ -213,7 +210,8 @@ def _write_key(key: KeyPair, instance_id: str) -> Path:
     path = key_path(instance_id)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path.unlink(missing_ok=True)  # a file left there could have a wider mode
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_openssh)
     except OSError as e:

@@ -36,6 +36,18 @@ export interface IInstance {
   platform_error?: string;
 }
 
+/** An instance parked between kernels (`keep_alive`), waiting for the next to adopt it. */
+export interface IParked {
+  instance_id: string;
+  state: 'parked';
+  gpu_type: string;
+  gpu_count: number;
+  parked_until: string;
+  seconds_left: number;
+  price_per_hour: number;
+  cost_usd: number;
+}
+
 export interface IHealth {
   ok: boolean;
   extension: { ok: boolean; version: string };
@@ -49,7 +61,7 @@ export interface IProgress {
 }
 
 export interface IStopped {
-  kernel_id: string;
+  kernel_id: string | null;
   instance_id: string;
   state: string;
   cost_usd: number | null;

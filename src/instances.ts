@@ -44,7 +44,7 @@ class InstancesBody extends Widget {
 
   private _render(): void {
     const now = Date.now();
-    const rows: { cells: string[]; instanceId: string | null; kernelId: string }[] = [];
+    const rows: { cells: string[]; instanceId: string | null; kernelId?: string }[] = [];
     let total = 0;
     let hourly = 0;
     for (const start of this._state.starts.filter(s => s.active)) {
@@ -76,6 +76,22 @@ class InstancesBody extends Widget {
         kernelId: model.kernel_id
       });
     }
+    for (const { model, syncedAt } of this._state.parked) {
+      const passed = (now - syncedAt) / 1000;
+      const cost = model.cost_usd + costOf(model.price_per_hour, passed);
+      total += cost;
+      hourly += model.price_per_hour;
+      rows.push({
+        cells: [
+          `${model.gpu_count > 1 ? `${model.gpu_count}× ` : ''}${model.gpu_type}`,
+          'parked for the next kernel',
+          `parked, ${formatDuration(Math.max(0, model.seconds_left - passed))} left`,
+          '',
+          `${formatCost(cost)} at ${formatPrice(model.price_per_hour)}`
+        ],
+        instanceId: model.instance_id
+      });
+    }
     const table = document.createElement('table');
     table.className = 'jp-FlexAI-instanceTable';
     const head = table.createTHead().insertRow();
@@ -94,22 +110,25 @@ class InstancesBody extends Widget {
       const stopping = row.instanceId !== null && this._stopping.has(row.instanceId);
       button.textContent = stopping ? 'Stopping…' : 'Stop';
       button.disabled = !row.instanceId || stopping;
-      button.title = row.instanceId
-        ? `Shut the kernel down and delete instance ${row.instanceId}`
-        : 'The platform has not answered the request yet';
+      button.title = !row.instanceId
+        ? 'The platform has not answered the request yet'
+        : row.kernelId
+          ? `Shut the kernel down and delete instance ${row.instanceId}`
+          : `Delete parked instance ${row.instanceId}`;
       button.addEventListener('click', () => void this._stop(row.instanceId!, row.kernelId));
       tr.insertCell().appendChild(button);
     }
     const summary = document.createElement('p');
     summary.className = 'jp-FlexAI-summary';
     summary.textContent = rows.length
-      ? `${this._state.instances.length} running, ${formatPrice(hourly)} in all; ` +
-        `${formatCost(total)} so far.`
+      ? `${this._state.instances.length} running` +
+        (this._state.parked.length ? `, ${this._state.parked.length} parked` : '') +
+        `, ${formatPrice(hourly)} in all; ${formatCost(total)} so far.`
       : 'No FlexAI instance runs for this server.';
     this.node.replaceChildren(...(rows.length ? [table] : []), summary);
   }
 
-  private async _stop(instanceId: string, kernelId: string): Promise<void> {
+  private async _stop(instanceId: string, kernelId?: string): Promise<void> {
     this._stopping.add(instanceId);
     this._render();
     try {

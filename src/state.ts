@@ -11,6 +11,7 @@ import {
   compute,
   type IGPUType,
   type IInstance,
+  type IParked,
   type IProgress,
   type IStopped,
   SCHEMA_ID
@@ -33,6 +34,12 @@ export interface IStart extends IStartState {
 /** A running instance, as of its latest sync. */
 export interface ISynced {
   model: IInstance;
+  syncedAt: number;
+}
+
+/** A parked instance, as of its latest sync. */
+export interface ISyncedParked {
+  model: IParked;
   syncedAt: number;
 }
 
@@ -116,6 +123,11 @@ export class ComputeState implements IDisposable {
     return [...this._instances.values()];
   }
 
+  /** The instances parked between kernels (`keep_alive`), as of the last sync. */
+  get parked(): ISyncedParked[] {
+    return this._parked;
+  }
+
   /** The GPU types the platform offers (asked anew each time: availability changes). */
   async gpuTypes(): Promise<IGPUType[]> {
     const types = (await compute<{ gpu_types: IGPUType[] }>('available')).gpu_types;
@@ -138,11 +150,15 @@ export class ComputeState implements IDisposable {
     }
     this._syncing = (async () => {
       try {
-        const { instances } = await compute<{ instances: IInstance[] }>('instances');
+        const { instances, parked } = await compute<{
+          instances: IInstance[];
+          parked?: IParked[];
+        }>('instances');
         const now = Date.now();
         this._instances = new Map(
           instances.map(model => [model.kernel_id, { model, syncedAt: now }])
         );
+        this._parked = (parked ?? []).map(model => ({ model, syncedAt: now }));
         this._lastSync = now;
         this._changed.emit();
       } catch (error) {
@@ -275,6 +291,7 @@ export class ComputeState implements IDisposable {
   private _history = new Map<string, IPhase[]>();
   private _starts = new Map<string, IStart>();
   private _instances = new Map<string, ISynced>();
+  private _parked: ISyncedParked[] = [];
   private _cancelled = new Set<string>();
   private _cancelWhenNamed = new Set<string>();
   private _lastSync = 0;
