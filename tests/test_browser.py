@@ -330,3 +330,29 @@ def test_a_limit_is_warned_of_before_it_shuts_the_kernel_down(
         until(lambda: emulator.live_instances() == [], "the limit's shutdown", 90)
         reached = page.locator(".Toastify__toast", has_text="is being shut down")
         expect(reached).to_contain_text("for limited.ipynb reached its max_cost of $0.04")
+
+
+def test_the_instances_dialog_shows_a_parked_instance_and_stop_deletes_it(
+    jupyter_server, emulator, kernelspecs, tmp_path
+):
+    from test_keep_alive import run
+
+    kernelspecs.add("flexai-warm", {"keep_alive": 300})
+    parked, _ = run(tmp_path / "pipeline", kernel="flexai-warm")  # a `jupyter execute` run
+    instance_id = parked["instance"]
+    server = lab_server(jupyter_server, tmp_path)
+    with lab_page(server, tmp_path) as page:
+        expect(page.locator(".jp-LauncherCard").first).to_be_visible()
+        page.keyboard.press("Control+Shift+C")
+        page.locator(".lm-CommandPalette-input").fill("Show FlexAI GPU instances")
+        page.keyboard.press("Enter")
+        row = page.locator(f".jp-Dialog tr[data-instance='{instance_id}']")
+        expect(row).to_contain_text("parked for the next kernel")
+        expect(row).to_contain_text(re.compile(r"parked, 0:0\d:\d\d left"))
+        expect(row).to_contain_text(re.compile(r"\$0\.\d+ at \$1\.89/h"))
+        summary = page.locator(".jp-Dialog .jp-FlexAI-summary")
+        expect(summary).to_contain_text("0 running, 1 parked, $1.89/h in all")
+        shoot(page, "gpu-instances-parked.png")
+        row.locator(".jp-FlexAI-stop").click()
+        expect(summary).to_contain_text("No FlexAI instance")
+        assert emulator.live_instances() == []
