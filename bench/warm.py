@@ -94,12 +94,14 @@ def execute(notebook: Path, kernel: str, name: str) -> dict[str, Any]:
     }
 
 
-def _instance_of(log: str) -> str | None:
-    """The instance a run's kernel ran on, from its ``ready`` phase line."""
+def _ready(log: str) -> tuple[str | None, float | None]:
+    """The instance a run's kernel ran on and the seconds its start took, from its ``ready``
+    phase line (``...: ready (1.4s) on instance inst-...``)."""
     for line in log.splitlines():
         if ": ready (" in line and "on instance " in line:
-            return line.rsplit("on instance ", 1)[1].split()[0]
-    return None
+            seconds = line.split(": ready (", 1)[1].split("s)", 1)[0]
+            return line.rsplit("on instance ", 1)[1].split()[0], float(seconds)
+    return None, None
 
 
 def _delete_parked() -> list[str]:
@@ -128,7 +130,8 @@ def measure(cfg: WarmConfig, env: Environment, log: Any) -> dict[str, Any]:
     finally:
         emulator.stop()
     baseline = statistics.median(r["first_reply"] for r in local)
-    cold_instance, warm_instance = _instance_of(cold["log"]), _instance_of(warm["log"])
+    cold_instance, cold_ready = _ready(cold["log"])
+    warm_instance, warm_ready = _ready(warm["log"])
     return {
         "provision_delay_s": cfg.provision_delay,
         "keep_alive_s": cfg.keep_alive,
@@ -144,6 +147,8 @@ def measure(cfg: WarmConfig, env: Environment, log: Any) -> dict[str, Any]:
             "cold": cold["total"],
             "warm": warm["total"],
         },
+        # The provisioner's own start (its phases, from the request to ready), in each run.
+        "kernel_ready": {"cold": cold_ready, "warm": warm_ready},
         "adopted": cold_instance is not None and cold_instance == warm_instance,
         "parked_deleted": deleted,
         "local_samples": [r["first_reply"] for r in local],
@@ -166,5 +171,11 @@ def table(results: dict[str, Any]) -> str:
             f"{'first reply (s)':<22}{f['local']:>10.3f}{f['cold']:>10.3f}{f['warm']:>10.3f}"
             f"{f['ratio']:>11.2f}x  <= {f['target']:g}x {mark}",
             f"{'whole run (s)':<22}{t['local']:>10.3f}{t['cold']:>10.3f}{t['warm']:>10.3f}",
+            f"{'FlexAI start (s)':<22}{'':>10}{_s(results['kernel_ready']['cold'])}"
+            f"{_s(results['kernel_ready']['warm'])}   (its phases, request to ready)",
         ]
     )
+
+
+def _s(seconds: float | None) -> str:
+    return f"{'?':>10}" if seconds is None else f"{seconds:>10.3f}"

@@ -162,8 +162,8 @@ def clear_workspace(conn: SSHConnection, timeout: float) -> None:
 
 
 def release_key(parked: Parked) -> None:
-    """The adopter has the key in memory (and kept it under its own kernel's name if it
-    keeps keys): the parked copy goes."""
+    """Remove the parked copy of the key: the adopter holds it in memory (and keeps it under
+    its own kernel's name if it keeps keys), or the instance was deleted."""
     if parked.entry.key_file is not None:
         Path(parked.entry.key_file).unlink(missing_ok=True)
 

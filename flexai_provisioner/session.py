@@ -256,7 +256,8 @@ class InstanceSession:
             self._drop_instance()
             self.key, self.request_key = fresh, str(uuid.uuid4())
             return False
-        parking.release_key(parked)
+        finally:
+            parking.release_key(parked)  # held in memory now, or of no use
         return True
 
     def _drop_instance(self) -> None:

@@ -113,3 +113,5 @@ def _check_warm(warm: dict) -> None:
     assert figures["ratio"] == pytest.approx(figures["warm"] / figures["local"], 0.01)
     # The cold start waited for the emulator's boot delay; the warm one did not.
     assert figures["cold"] >= warm["provision_delay_s"]
+    assert warm["kernel_ready"]["cold"] >= warm["provision_delay_s"]
+    assert _number(warm["kernel_ready"]["warm"])

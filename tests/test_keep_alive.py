@@ -254,6 +254,7 @@ def test_a_parked_instance_gone_meanwhile_is_replaced_by_a_new_one(emulator, war
     assert two["instance"] != gone
     said = [line for line in log.splitlines() if "cannot be adopted" in line]
     assert len(said) == 1 and gone in said[0], log
+    assert two["parked_keys"] == [], "the key of the instance given up went with it"
     assert gone not in emulator.live_instances()
     assert set(parked_rows(emulator.url)) == {two["instance"]}
 
