@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import struct
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -38,6 +39,16 @@ _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 
 DataSink = Callable[[bytes], None]
+
+# The Packetizer state the fast path reads and writes: paramiko's name-mangled attributes.
+_SOCK, _AEAD, _ENGINE, _IV, _SEQ, _BYTES, _PACKETS, _MAC, _CLOSED, _REKEY, _ZIP, _DUMP = (
+    sys.intern(f"_Packetizer__{name}")
+    for name in (
+        *("socket", "aead_in", "block_engine_in", "iv_in", "sequence_number_in"),
+        *("received_bytes", "received_packets", "mac_size_in", "closed", "need_rekey"),
+        *("compress_engine_in", "dump_packets"),
+    )
+)
 
 
 def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
@@ -126,32 +137,27 @@ class _Packetizer(paramiko.Packetizer):
         return self._read_fast() or super().read_message()
 
     def _read_fast(self) -> tuple[int, paramiko.Message] | None:
-        d, p = self.__dict__, "_Packetizer__"  # paramiko's name-mangled state
-        sock: _Socket = d[p + "socket"]
-        while (transport := self.transport()) and not transport.in_kex and d[p + "aead_in"]:
-            if d[p + "need_rekey"] or d[p + "compress_engine_in"] or d[p + "dump_packets"]:
+        d = self.__dict__
+        sock: _Socket = d[_SOCK]
+        while (transport := self.transport()) and not transport.in_kex and d[_AEAD]:
+            if d[_REKEY] or d[_ZIP] or d[_DUMP]:
                 return None
             buf, pos = sock.buf, sock.pos
             size = int.from_bytes(buf[pos : pos + 4], "big") if len(buf) - pos >= 4 else -1
-            end = pos + 4 + size + d[p + "mac_size_in"]
+            end = pos + 4 + size + d[_MAC]
             if size < 0 or end > len(buf):
                 if sock.gettimeout() is not None or end - pos > 2 * READ_AHEAD:
                     return None  # read_all handles timeouts; a bogus length is its to refuse
-                sock.fill(lambda: d[p + "closed"])
+                sock.fill(lambda: d[_CLOSED])
                 continue
-            if d[p + "received_bytes"] + end - pos >= self.REKEY_BYTES or (
-                d[p + "received_packets"] + 1 >= self.REKEY_PACKETS
-            ):
+            if d[_BYTES] + end - pos >= self.REKEY_BYTES or d[_PACKETS] + 1 >= self.REKEY_PACKETS:
                 return None
-            view = memoryview(buf)
-            engine, iv = d[p + "block_engine_in"], d[p + "iv_in"]
-            plain = engine.decrypt(iv, view[pos + 4 : end], view[pos : pos + 4])
-            sock.pos = end
-            d[p + "iv_in"] = self._inc_iv_counter(iv)
-            seqno = d[p + "sequence_number_in"]
-            d[p + "sequence_number_in"] = (seqno + 1) & 0xFFFFFFFF
-            d[p + "received_bytes"] += end - pos
-            d[p + "received_packets"] += 1
+            view, iv = memoryview(buf), d[_IV]
+            plain = d[_ENGINE].decrypt(iv, view[pos + 4 : end], view[pos : pos + 4])
+            sock.pos, d[_IV] = end, self._inc_iv_counter(iv)
+            seqno, d[_SEQ] = d[_SEQ], (d[_SEQ] + 1) & 0xFFFFFFFF
+            d[_BYTES] += end - pos
+            d[_PACKETS] += 1
             if plain[1] == MSG_CHANNEL_DATA:  # padding length, type, channel, data length
                 chan = transport._channels.get(int.from_bytes(plain[2:6], "big"))
                 if chan is not None and "flexai_sink" in chan.__dict__:
@@ -241,7 +247,7 @@ class _Socket:
         self.buf = b""  # what was read; handled up to ``pos``
         self.pos = 0
         self.quickack = hasattr(socket, "TCP_QUICKACK")
-        self.send = sock.send
+        self.send, self.gettimeout = sock.send, sock.gettimeout
         self.before_wait: Callable[[], None] = lambda: None
 
     def recv(self, n: int) -> bytes:
