@@ -158,6 +158,9 @@ class OpenSSHTunnel:
         for s in held:
             s.close()
 
+    def preopen(self, transport: paramiko.Transport, remote_ports: dict[str, int]) -> None:
+        """Nothing ahead: ssh's forwards open a channel per connection, as it comes."""
+
     def hold(self) -> None:
         """Nothing to do: ssh's forwards open a channel per connection whatever we do."""
 
