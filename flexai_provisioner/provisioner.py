@@ -1,22 +1,14 @@
 """The kernel provisioner: a Jupyter kernel on a FlexAI GPU instance, reached over SSH.
 
-Lifecycle (see ``KernelProvisionerBase`` for the contract):
-
-- ``pre_launch``  first start only: check the kernel's folder (``cwd``), provision an
-  instance with a fresh key, wait for it to run, connect over SSH and open five local ports;
-  every start: copy the folder's new and changed files to the instance (its workspace) and
-  write the connection file that points jupyter_client at those ports. The kernelspec's
-  ``argv`` runs the local launcher (:mod:`flexai_provisioner.launch`) for frontends without
-  provisioners; here it is replaced by ipykernel on the instance
-  (:func:`~flexai_provisioner.kernelspecs.remote_argv`).
-- ``launch_kernel`` start ipykernel on the instance and forward the local ports to it.
-- ``poll``/``send_signal``/``kill``/``terminate`` act on the remote kernel through its agent.
-- ``cleanup(restart=True)`` forgets the old kernel but keeps the instance; ``cleanup()``
-  copies back what the kernel made in its workspace, then deletes the instance.
-
-All network work runs in threads (:mod:`flexai_provisioner.session`); the event loop only
-awaits it. Any failure or cancellation during a first start deletes what was provisioned
-before the error propagates.
+It holds the traits and the ``KernelProvisionerBase`` lifecycle; each kernel's instance is
+an :class:`~flexai_provisioner.session.InstanceSession`, whose blocking network work runs
+in threads while the event loop only awaits it. A first start provisions an instance,
+connects, copies the kernel's folder (``cwd``) and opens five local ports; a restart keeps
+the instance and copies the folder's changes; ``cleanup()`` copies back what the kernel
+made, then deletes the instance. Any failure or cancellation during a first start deletes
+what was provisioned before the error propagates. The kernelspec's ``argv`` (the launcher,
+:mod:`flexai_provisioner.launch`, for frontends without provisioners) is replaced here by
+ipykernel on the instance (:func:`~flexai_provisioner.kernelspecs.remote_argv`).
 """
 
 from __future__ import annotations
@@ -175,6 +167,17 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Bring the instance up (first start) or copy the folder again (restart), and write
         the connection file for its local ports."""
         kwargs = await super().pre_launch(**kwargs)
+        session_name = kwargs["env"].get("JPY_SESSION_NAME", "")
+        self._notebook = session_name or None
+        await self._keep_or_bring_up(kwargs.get("cwd"))
+        # Guarded: nobody would clean up after a failure here, jupyter_client won't.
+        await self._or_abandon(self._write_connection_file(session_name))
+        argv = remote_argv(self.kernel_spec.argv, self.remote_python)
+        kwargs["cmd"] = argv + kwargs.pop("extra_arguments", [])
+        return kwargs
+
+    async def _keep_or_bring_up(self, cwd: str | None) -> None:
+        """Keep the instance of the last start if it is still reachable, else start anew."""
         if self._session is not None and not await asyncio.to_thread(self._session.reusable):
             # Deleted by the platform or unreachable: a restart starts over on a new instance.
             self.log.warning(
@@ -184,31 +187,24 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.lost_reason,
             )
             await self._teardown()
-        self._notebook = kwargs["env"].get("JPY_SESSION_NAME") or None
-        if self._session is None:
-            try:
-                await self._bring_up(kwargs.get("cwd"))
-            except Exception:
-                if self._restarting:
-                    self._report_dead()
-                raise
-        else:  # a restart: the folder may have changed meanwhile
+        if self._session is not None:  # a restart: the folder may have changed meanwhile
             await self._or_abandon(asyncio.to_thread(self._session.upload_workspace))
+            return
+        try:
+            await self._bring_up(cwd)
+        except Exception:
+            if self._restarting:
+                self._report_dead()
+            raise
+
+    async def _write_connection_file(self, session_name: str) -> None:
         assert self._session is not None
         km = self.parent
-        km.transport = "tcp"
-        km.ip = "127.0.0.1"
+        km.transport, km.ip = "tcp", "127.0.0.1"
         for name, port in self._session.local_ports.items():
             setattr(km, name, port)
-        try:
-            km.write_connection_file(jupyter_session=kwargs["env"].get("JPY_SESSION_NAME", ""))
-        except BaseException as e:  # nobody would clean up after us: jupyter_client won't
-            await self._abandon_start(e)
-            raise
+        km.write_connection_file(jupyter_session=session_name)
         self.connection_info = km.get_connection_info()
-        argv = remote_argv(self.kernel_spec.argv, self.remote_python)
-        kwargs["cmd"] = argv + kwargs.pop("extra_arguments", [])
-        return kwargs
 
     async def _bring_up(self, cwd: str | None) -> None:
         """Check the config, make the kernel's host object and start it; on any failure or
@@ -404,8 +400,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def get_provisioner_info(self) -> dict[str, Any]:
         """The base info, and what another process needs to take the kernel over."""
         info = await super().get_provisioner_info()
-        saved = self._session.to_provisioner_info() if self._session is not None else None
-        if saved is not None:
+        if self._session is not None and (saved := self._session.to_provisioner_info()):
             info["flexai"] = saved
         return info
 
@@ -425,8 +420,6 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
         self.connection_info = {**self.connection_info, **self._session.local_ports}
 
-    # -- reports -------------------------------------------------------------------------
-
     def _client(self, api_url: str | None) -> FlexAIClient:
         return FlexAIClient(api_url, self.api_key or None, deadline=self.api_timeout)
 
@@ -439,8 +432,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _report_lost(self, reason: str) -> None:
         """The session gave the instance up (called from the supervisor's thread): a ``lost``
         phase with the reason, for the server extension's model and events."""
-        session = self._session
-        instance = session.instance if session is not None else None
+        instance = self._session.instance if self._session is not None else None
         progress.report_instance(self.log, self.kernel_id, "lost", instance, reason)
 
     def _report_dead(self) -> None:

@@ -1,31 +1,25 @@
 """One kernel's instance: provisioned, reached over SSH, forwarded, kept alive, torn down.
 
 :class:`InstanceSession` is the per-kernel host object the provisioner and the launcher
-drive: it owns the instance, its SSH connection and local ports, the remote kernel, the
-workspace and the key, and what another process needs to take them over (provisioner info).
-It is the blocking half of the provisioner: every method may wait on the network and is
-called from a worker thread. It outlives kernel restarts (the instance, SSH connection and
-local ports are kept; only the remote kernel is replaced) and is torn down once, on
-shutdown or on any failure during start.
-
-A single supervisor thread per process serves every session: it notices dead SSH links
-(reconnecting with backoff, the kernel keeps running on the instance) and sends the
-platform heartbeats that keep an instance's time-to-live from expiring. It runs whether or
-not anyone drives the Jupyter event loop (``jupyter execute`` only runs it inside calls).
+drive. It owns the instance (requested with the ledger knowing, leased by heartbeats,
+deleted or its deletion owed), the kernel's key and workspace, and what another process
+needs to take them over (provisioner info); how the kernel is reached over SSH, and kept
+reachable, it has from :class:`~flexai_provisioner.kernel_link.KernelLink`. It is the
+blocking half of the provisioner: every method may wait on the network and is called from a
+worker thread. It outlives kernel restarts (the instance, SSH connection and local ports
+are kept; only the remote kernel is replaced) and is torn down once, on shutdown or on any
+failure during start. The process's supervisor thread ticks it for heartbeats and link
+checks, whether or not anyone drives the Jupyter event loop.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from . import executor, exit_cleanup, parking, supervisor
 from .config import SessionSettings
@@ -33,38 +27,27 @@ from .deletion import OwedDeletion
 from .errors import (
     ConfigurationError,
     FlexAIError,
-    NotFoundError,
     ParkedInstanceError,
     PlatformError,
     ProvisioningError,
     SSHError,
-    StartCancelledError,
     WorkspaceError,
 )
 from .gpu_platform import Instance, InstanceState, Platform, wait_running
 from .kernel_key import KernelKey
+from .kernel_link import PORT_NAMES, KernelLink, Phase
 from .ledger import Ledger, Owner
 from .reaper import LABEL_KERNEL, LABEL_REQUEST, owner_labels
-from .remote_kernel import RemoteKernel, Standby
-from .ssh import SSHConnection, connect
 from .tunnel import Tunnel
 from .workspace import SyncReport, Workspace, state_path
-
-PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
 
 # Environment the kernel inherits from the local side; the rest of the local
 # environment (PATH, HOME, ...) belongs to this machine, not to the instance.
 FORWARDED_ENV = ("JPY_SESSION_NAME",)
 
 
-class Phase(Protocol):
-    """Reports a start's phase by name, with an optional detail ("12.3 MB in 40 files")."""
-
-    def __call__(self, name: str, message: str = "") -> None: ...
-
-
-class InstanceSession:
-    """The instance behind one kernel, and everything that reaches it."""
+class InstanceSession(KernelLink):
+    """The instance behind one kernel, from its request to its deletion."""
 
     def __init__(
         self,
@@ -76,31 +59,13 @@ class InstanceSession:
         log: logging.Logger,
         on_lost: Callable[[str], None] | None = None,
     ):
-        self.platform = platform
+        super().__init__(platform, key, settings, log, on_lost)
         self.ledger = ledger
         self.api_url = api_url
-        self.key = key
-        self.settings = settings
-        self.log = log
-        self.on_lost = on_lost  # told why the instance cannot be reached again, once
         self.request_key = str(uuid.uuid4())
-        self.instance: Instance | None = None
-        self.conn: SSHConnection | None = None
-        self.tunnel: Tunnel | None = None
-        self.kernel: RemoteKernel | None = None
-        self._standby: Future[Standby] | None = None  # the next kernel's agent, preloading
         self._launched = False  # a kernel ran here, so its workspace may hold results
         self.workspace: Workspace | None = None  # the kernel's folder, mirrored on the instance
-        self.lost_reason: str | None = None  # set when the instance cannot be reached again
-        self._cancelled = threading.Event()  # set to abandon a start or a reconnect
-        self._reconnecting = False
-        self.reconnects = 0  # links replaced after a loss
         self._next_heartbeat = 0.0
-        self._next_ping = 0.0
-        self._closed = False
-        # Held while a start step runs, so teardown waits for an in-flight POST or SSH
-        # connect to land (and then deletes what it made) instead of racing it.
-        self._start_step = threading.Lock()
 
     @classmethod
     def from_provisioner_info(
@@ -179,11 +144,6 @@ class InstanceSession:
         """Create the instance and wait until it runs. The ledger knows it before the POST."""
         with self._start_step:
             self._provision(gpu_type, gpu_count, kernel_id, phase)
-
-    def _check_cancelled(self) -> None:
-        """Between start steps: stop if the start was cancelled (what exists is torn down)."""
-        if self._cancelled.is_set():
-            raise StartCancelledError("kernel start cancelled")
 
     def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
         self._check_cancelled()
@@ -270,38 +230,6 @@ class InstanceSession:
         self.delete_instance()
         self.instance = None
 
-    def listen(self, ports: dict[str, int] | None = None) -> dict[str, int]:
-        """Open the local ports the kernel will be reached on; return them by name.
-
-        Without ``ports``, free ones are picked. With them (a frontend that chose the ports
-        itself), exactly those, or :class:`LocalPortError`. Connections that arrive before the
-        kernel runs wait for it rather than being refused.
-        """
-        if self.tunnel is None:
-            self.tunnel = Tunnel(PORT_NAMES, ports, exact=ports is not None)
-        return self.local_ports
-
-    def connect(self, phase: Phase) -> dict[str, int]:
-        """Open the SSH connection, and the local ports unless :meth:`listen` did; return
-        the ports by name."""
-        phase("connecting")
-        with self._start_step:
-            self._check_cancelled()
-            self.conn = self._connect()
-            self.listen()
-        self._prepare_standby()
-        self._check_cancelled()
-        return self.local_ports
-
-    def _connect(self) -> SSHConnection:
-        assert self.instance is not None and self.instance.ssh is not None
-        return connect(
-            self.instance.ssh,
-            self.key.pair,
-            connect_timeout=self.settings.ssh_connect_timeout,
-            keepalive_interval=self.settings.ssh_keepalive_interval,
-        )
-
     def keep_key(self, kernel_id: str) -> None:
         """Keep a fresh key in its runtime file, for other processes that need to reach the
         instance. The ledger knows the file, so ``jupyter flexai gc`` removes it if this
@@ -362,58 +290,12 @@ class InstanceSession:
         self, argv: list[str], connection_info: Mapping[str, Any], env: dict[str, str]
     ) -> None:
         """Start a kernel on the instance, in its workspace if it has one, and point the
-        local ports at it.
-
-        Of ``connection_info`` the kernel gets the key, signature scheme and kernel name;
-        the instance picks its own ports.
-        """
-        assert self.conn is not None and self.tunnel is not None
-        key = connection_info.get("key", "")
-        standby = self._take_standby()
-        if standby is not None:  # its ports listen already: the forwards open meanwhile
-            self.tunnel.preopen(self.conn.transport, standby.ports)
-        self.kernel = RemoteKernel.launch(
-            self.conn,
-            python=self.settings.remote_python,
-            argv=argv,
-            connection={
-                "key": key.decode() if isinstance(key, bytes) else key,
-                "signature_scheme": connection_info.get("signature_scheme", "hmac-sha256"),
-                "kernel_name": connection_info.get("kernel_name", ""),
-            },
-            env=env,
-            timeout=self.settings.launch_timeout,
-            cwd=self.workspace.remote_dir if self.workspace else None,
-            standby=standby,
+        local ports at it (see :meth:`_launch`)."""
+        self._launch(
+            argv, connection_info, env, self.workspace.remote_dir if self.workspace else None
         )
         self._launched = True
-        self.tunnel.retarget(self.conn.transport, self.kernel.ports)
-        self._prepare_standby()  # for the next restart, while this kernel runs
         self._check_cancelled()
-
-    def _prepare_standby(self) -> None:
-        """Start the next kernel's agent in the background, preloading ipykernel."""
-        conn = self.conn
-        if not self.settings.preload_kernel or conn is None or self._standby is not None:
-            return
-        self._standby = executor.submit(lambda: Standby.open(conn, self.settings.remote_python))
-
-    def _take_standby(self) -> Standby | None:
-        """The standby, once it is open, if opening it worked (else a new agent does)."""
-        future, self._standby = self._standby, None
-        if future is None:
-            return None
-        try:
-            return future.result(self.settings.launch_timeout)
-        except Exception as e:  # the launch through a new agent reports what is wrong
-            self.log.debug("no standby kernel agent: %s", e)
-            return None
-
-    def _drop_standby(self) -> None:
-        """Close the standby's channel, now or once it is open: its agent then leaves."""
-        future, self._standby = self._standby, None
-        if future is not None:
-            future.add_done_callback(_close_standby)
 
     def _reattach(
         self,
@@ -437,61 +319,7 @@ class InstanceSession:
         self._launched = True
         self.ledger.adopt(request_key)
 
-    def _attach(self, pid: int, ports: dict[str, int], workdir: str) -> None:
-        assert self.conn is not None and self.tunnel is not None
-        self.kernel = RemoteKernel.attach(
-            self.conn,
-            python=self.settings.remote_python,
-            pid=pid,
-            ports=ports,
-            workdir=workdir,
-            timeout=self.settings.launch_timeout,
-        )
-        self.tunnel.retarget(self.conn.transport, ports)
-
     # -- running -------------------------------------------------------------------------
-
-    @property
-    def instance_id(self) -> str | None:
-        return self.instance.id if self.instance is not None else None
-
-    @property
-    def local_ports(self) -> dict[str, int]:
-        """The five local ports by connection-file name (empty before :meth:`listen`)."""
-        return dict(self.tunnel.local_ports) if self.tunnel is not None else {}
-
-    @property
-    def has_kernel(self) -> bool:
-        return self.kernel is not None
-
-    @property
-    def remote_pid(self) -> int | None:
-        """The kernel's process id on the instance."""
-        return self.kernel.pid if self.kernel is not None else None
-
-    def signal(self, signum: int) -> None:
-        """Signal the kernel's process group on the instance (nothing if it is not watched, or
-        the link is down: a lost kernel is gone with its instance)."""
-        kernel = self.kernel
-        if kernel is not None and kernel.watching and self.connected:
-            kernel.signal(signum)
-
-    def expect_kernel_exit(self) -> None:
-        """The kernel was asked to shut down or killed: its ports are about to close."""
-        if self.tunnel is not None:
-            self.tunnel.hold()
-
-    @property
-    def connected(self) -> bool:
-        return self.conn is not None and self.conn.is_active() and not self._reconnecting
-
-    def kernel_status(self) -> int | None:
-        """The kernel's exit status, or None while it runs (or while we reconnect to it)."""
-        if self.lost_reason is not None:
-            return 1
-        if self.kernel is None:
-            return 0
-        return self.kernel.poll()
 
     def tick(self, now: float) -> None:
         """Supervisor work: reconnect a dead link, send a due heartbeat. Must not block."""
@@ -501,40 +329,7 @@ class InstanceSession:
         if ttl and now >= self._next_heartbeat:
             self._next_heartbeat = now + max(1.0, ttl / 3)
             executor.submit(self._heartbeat)
-        self._check_link(now)
-        if (
-            self.conn is not None
-            and not self.conn.is_active()
-            and not self._reconnecting
-            and self.lost_reason is None
-        ):
-            self._reconnecting = True
-            if self.tunnel is not None:
-                self.tunnel.disconnect()
-            executor.submit(self._reconnect)
-
-    def _check_link(self, now: float) -> None:
-        """Ping the agent each keepalive interval; a link silent for three is dead.
-
-        TCP keepalives only prove the peer's kernel acknowledges; an answer from the agent
-        proves the whole path (a hung sshd, a stopped instance, a black-holed route).
-        """
-        kernel, conn = self.kernel, self.conn
-        if kernel is None or conn is None or not conn.is_active() or self._reconnecting:
-            return
-        if kernel.poll() is not None or not kernel.watching:
-            return  # the agent left with its kernel: nothing is there to answer
-        interval = self.settings.ssh_keepalive_interval
-        if now - kernel.last_heard > 3 * interval:
-            self.log.warning(
-                "no answer from instance %s for %.0f s: treating the SSH link as dead",
-                self.instance.id if self.instance else "?",
-                now - kernel.last_heard,
-            )
-            conn.close()  # the reconnect below takes over
-        elif now >= self._next_ping:
-            self._next_ping = now + interval
-            executor.submit(kernel.ping)
+        self._watch_link(now)
 
     def _heartbeat(self) -> None:
         assert self.instance is not None
@@ -543,82 +338,7 @@ class InstanceSession:
         except PlatformError as e:
             self.log.warning("heartbeat for instance %s failed: %s", self.instance.id, e)
 
-    def _reconnect(self) -> None:
-        """Reach the instance again and re-adopt the kernel, with backoff, until a deadline."""
-        assert self.instance is not None
-        kernel = self.kernel
-        self.log.warning("SSH connection to instance %s lost; reconnecting", self.instance.id)
-        deadline = time.monotonic() + self.settings.reconnect_timeout
-        delay = 0.2
-        last_error: Exception | None = None
-        try:
-            while not self._cancelled.is_set() and not self._closed:
-                try:
-                    try:
-                        self.instance = self.platform.get_instance(self.instance.id)
-                    except NotFoundError:
-                        self.lost_reason = f"instance {self.instance.id} no longer exists"
-                        break
-                    if self.instance.state is not InstanceState.RUNNING:
-                        self.lost_reason = (
-                            f"instance {self.instance.id} is {self.instance.state.value}"
-                            f"{': ' + self.instance.message if self.instance.message else ''}"
-                        )
-                        break
-                    conn = self._connect()
-                    old, self.conn = self.conn, conn
-                    self._drop_standby()
-                    if old is not None:
-                        old.close()
-                    if kernel is not None:
-                        self._attach(kernel.pid, kernel.ports, kernel.workdir)
-                    self._prepare_standby()
-                    self.reconnects += 1
-                    self.log.info("reconnected to instance %s", self.instance.id)
-                    return
-                except FlexAIError as e:  # the SSH layer maps all of paramiko's
-                    last_error = e
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.lost_reason = (
-                        f"instance {self.instance.id} unreachable for "
-                        f"{self.settings.reconnect_timeout:g} s ({last_error}); raise "
-                        "c.FlexAIProvisioner.reconnect_timeout to wait longer"
-                    )
-                    break
-                self._cancelled.wait(min(remaining, delay * (1 + random.random())))
-                delay = min(delay * 2, 5.0)
-            if self.lost_reason:
-                self.log.error("kernel on FlexAI is lost: %s", self.lost_reason)
-                if self.on_lost is not None:
-                    self.on_lost(self.lost_reason)
-        finally:
-            self._reconnecting = False
-
-    def reusable(self) -> bool:
-        """Whether a restart can keep this instance: it is not lost, once any reconnect that is
-        due or under way has ended (bounded by ``reconnect_timeout``)."""
-        deadline = time.monotonic() + self.settings.reconnect_timeout + 5 * supervisor.INTERVAL
-        while (
-            self.lost_reason is None
-            and not self._closed
-            and not self.connected
-            and time.monotonic() < deadline
-        ):
-            time.sleep(supervisor.INTERVAL / 5)
-        return self.lost_reason is None and self.connected
-
     # -- stop ----------------------------------------------------------------------------
-
-    def stop_kernel(self, timeout: float = 5.0) -> None:
-        """Forget the current remote kernel after making sure it has exited."""
-        kernel, self.kernel = self.kernel, None
-        if kernel is None:
-            return
-        if kernel.poll() is None and kernel.watching and self.connected:
-            kernel.signal(9)
-            kernel.wait_exit(timeout)
-        kernel.detach()
 
     def teardown(self, keep_alive: int = 0) -> None:
         """Delete the instance and release everything local. Safe to call more than once.
@@ -716,8 +436,3 @@ class InstanceSession:
             owed.attempt()
         except PlatformError as e:
             owed.owe(e)
-
-
-def _close_standby(future: Future[Standby]) -> None:
-    if future.exception() is None:
-        future.result().close()
