@@ -63,11 +63,12 @@ ADDED_COLUMNS = {
     "gpu_count": "INTEGER",
     "parked_until": "REAL",  # while parked (keep_alive): when the platform deletes it
     "key_fingerprint": "TEXT",  # of the key authorised on the instance, while parked
+    "labels": "TEXT",  # the extra platform labels (JSON) it was made with, while parked
 }
 COLUMNS = (
     "request_key, instance_id, api_url, kernel_id, gpu_type, owner_host, owner_boot,"
     " owner_pidns, owner_pid, owner_started, created_at, key_file, delete_owed, gpu_count,"
-    " parked_until, key_fingerprint"
+    " parked_until, key_fingerprint, labels"
 )
 _OWNER_IS_THIS_PROCESS = (
     "owner_host = ?, owner_boot = ?, owner_pidns = ?, owner_pid = ?, owner_started = ?"
@@ -146,6 +147,7 @@ class Entry:
     gpu_count: int | None = None
     parked_until: float | None = None  # set while parked: no process owns it then
     key_fingerprint: str | None = None
+    labels: str | None = None  # JSON, sorted keys
 
     def expired(self, now: float | None = None) -> bool:
         """Whether it was parked and its keep-alive is over (the platform deletes it)."""
@@ -299,6 +301,7 @@ class Ledger:
         gpu_count: int,
         key_file: str | None,
         key_fingerprint: str,
+        labels: str,
     ) -> None:
         """Record the request's instance as parked until ``until`` (epoch seconds): owned by
         no process, it waits for the next kernel of its kind here (:meth:`claim_parked`), and
@@ -306,8 +309,8 @@ class Ledger:
         the user's own key, which is never copied), removed with the instance."""
         self._write(
             "UPDATE instances SET parked_until = ?, gpu_count = ?, key_file = ?,"
-            " key_fingerprint = ? WHERE request_key = ?",
-            (until, gpu_count, key_file, key_fingerprint, request_key),
+            " key_fingerprint = ?, labels = ? WHERE request_key = ?",
+            (until, gpu_count, key_file, key_fingerprint, labels, request_key),
         )
 
     def parked(self, api_url: str | None = None) -> list[Entry]:
@@ -363,8 +366,8 @@ def _this_process() -> tuple[object, ...]:
 
 
 def _entry(row: tuple[object, ...]) -> Entry:
-    (request_key, instance_id, api_url, kernel_id, gpu_type, host, boot, pidns, pid,
-     started, created_at, key_file, owed, gpu_count, parked_until, key_fp) = row  # fmt: skip
+    (request_key, instance_id, api_url, kernel_id, gpu_type, host, boot, pidns, pid, started,
+     created_at, key_file, owed, gpu_count, parked_until, key_fp, labels) = row  # fmt: skip
     owner = Owner(str(host), str(boot or ""), str(pidns or ""), int(pid), float(started))
     return Entry(
         str(request_key),
@@ -379,6 +382,7 @@ def _entry(row: tuple[object, ...]) -> Entry:
         None if gpu_count is None else int(gpu_count),  # type: ignore[call-overload]
         None if parked_until is None else float(parked_until),  # type: ignore[arg-type]
         key_fp and str(key_fp),
+        labels and str(labels),
     )
 
 

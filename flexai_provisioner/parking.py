@@ -20,6 +20,7 @@ keeps its fingerprint, and only a kernel configured with that same key adopts th
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import time
@@ -70,6 +71,7 @@ def park(
     instance: Instance,
     keep_alive: int,
     key: KernelKey,
+    labels: dict[str, str],
 ) -> None:
     """Park ``instance``: the platform's lease first (so it expires without us), then the key
     file (not for the user's own key, which is never copied), then the ledger row. Raises
@@ -85,6 +87,7 @@ def park(
             instance.gpu_count,
             None if path is None else str(path),
             fingerprint(key.pair.private_key),
+            _labels(labels),
         )
     except FlexAIError:
         if path is not None:
@@ -99,16 +102,19 @@ def claim(
     gpu_count: int,
     kernel_id: str,
     own_key: KeyPair | None,
+    labels: dict[str, str],
 ) -> Parked | None:
     """Claim the freshest parked instance this kernel may adopt, or None.
 
-    It must be of the same API, GPU type and count, parked on this machine (the owner that
-    parked it visible from here), not about to expire, and reachable with a key this kernel
-    may use: its kept key, or for a kernel with its own key (``own_key``) that same key.
+    It must be of the same API, GPU type and count, made with the same extra ``labels`` (a
+    team's instance is not billed to another), parked on this machine (the owner that parked
+    it visible from here), not about to expire, and reachable with a key this kernel may use:
+    its kept key, or for a kernel with its own key (``own_key``) that same key.
     """
     now = time.time()
+    kind = (gpu_type, gpu_count, _labels(labels))
     for entry in ledger.parked(api_url):
-        if (entry.gpu_type, entry.gpu_count) != (gpu_type, gpu_count) or entry.delete_owed:
+        if (entry.gpu_type, entry.gpu_count, entry.labels or "{}") != kind or entry.delete_owed:
             continue
         if entry.instance_id is None or (entry.parked_until or 0) < now + ADOPT_MARGIN:
             continue
@@ -204,6 +210,10 @@ def discard(
         return False
     delete_entry(platform, ledger, rows[0], timeout)
     return True
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return json.dumps(labels, sort_keys=True)
 
 
 def _write_key(key: KeyPair, instance_id: str) -> Path:

@@ -95,10 +95,10 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     keep_alive = Integer(
         0,
         help="Seconds to keep a kernel's instance after the kernel shuts down (0: delete it at "
-        "once). The next kernel of the same GPU type and count started by this user on this "
-        "machine, in any process, adopts it instead of waiting for a new one: a fresh kernel "
-        "in a cleared workspace. Unadopted, the platform deletes it after that long; `jupyter "
-        "flexai gc --parked` deletes it sooner.",
+        "once). The next kernel of the same GPU type, count and labels started by this user "
+        "on this machine, in any process, adopts it instead of waiting for a new one: a fresh "
+        "kernel in a cleared workspace. Unadopted, the platform deletes it after that long; "
+        "`jupyter flexai gc --parked` deletes it sooner.",
     ).tag(config=True)
     ssh_key_file = Unicode(
         "",

@@ -190,7 +190,9 @@ class InstanceSession(KernelLink):
         there is none, or the one claimed is gone or unreachable (then it is deleted, and this
         session provisions as if none had been found)."""
         own = self.key.pair if self.key.own else None
-        parked = parking.claim(self.ledger, self.api_url, gpu_type, gpu_count, kernel_id, own)
+        parked = parking.claim(
+            self.ledger, self.api_url, gpu_type, gpu_count, kernel_id, own, self.settings.labels
+        )
         if parked is None:
             return False
         fresh, self.request_key = self.key, parked.entry.request_key
@@ -408,7 +410,13 @@ class InstanceSession(KernelLink):
         assert self.instance is not None
         try:
             parking.park(
-                self.platform, self.ledger, self.request_key, self.instance, keep_alive, self.key
+                self.platform,
+                self.ledger,
+                self.request_key,
+                self.instance,
+                keep_alive,
+                self.key,
+                self.settings.labels,
             )
         except FlexAIError as e:
             self.log.warning(

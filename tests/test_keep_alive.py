@@ -259,6 +259,16 @@ def test_a_parked_instance_gone_meanwhile_is_replaced_by_a_new_one(emulator, war
     assert set(parked_rows(emulator.url)) == {two["instance"]}
 
 
+def test_a_kernel_with_other_labels_does_not_adopt(emulator, warm, tmp_path):
+    warm.add("flexai-team-b", {"keep_alive": KEEP_ALIVE, "labels": {"team": "b"}})
+    one, _ = run(tmp_path / "nb")
+    two, _ = run(tmp_path / "nb", kernel="flexai-team-b")
+    assert two["instance"] != one["instance"], "a team's instance is not billed to another"
+    three, _ = run(tmp_path / "nb", kernel="flexai-team-b")
+    assert three["instance"] == two["instance"]
+    assert set(parked_rows(emulator.url)) == {one["instance"], two["instance"]}
+
+
 def test_two_processes_starting_at_once_adopt_one_instance_at_most(emulator, warm, tmp_path):
     one, _ = run(tmp_path / "nb")
     parked = one["instance"]
@@ -294,7 +304,7 @@ def test_the_ledger_gives_a_parked_row_to_one_claimant_only(flexai_env, tmp_path
     ledger = Ledger()
     ledger.record_request("req-1", "http://api", "kernel-1", "A100")
     ledger.record_instance("req-1", "inst-1")
-    ledger.park("req-1", time.time() + 60, 1, None, "SHA256:x")
+    ledger.park("req-1", time.time() + 60, 1, None, "SHA256:x", "{}")
     claim = textwrap.dedent(
         """
         import sys
