@@ -160,13 +160,17 @@ async def test_kernels_are_forked_from_a_preloaded_standby(emulator, kernelspecs
             assert out.split() == ["ipykernel_launcher.py", "kernelspec-env"]
 
 
+@pytest.mark.parametrize("public", [False, True], ids=["internals", "public-api"])
 async def test_forwards_open_ahead_of_the_kernel_and_none_is_refused(
-    emulator, kernelspecs, monkeypatch, caplog
+    emulator, kernelspecs, monkeypatch, caplog, public
 ):
     """A standby listens on its kernel's ports before the kernel runs, so the tunnel opens
     a channel to each while ipykernel starts; the clients' connections use them, and no
-    channel open fails in a whole lifecycle (start, restart, shutdown)."""
-    from flexai_provisioner import tunnel
+    channel open fails in a whole lifecycle (start, restart, shutdown), on either of
+    ``_paramiko``'s paths."""
+    from flexai_provisioner import _paramiko, tunnel
+
+    monkeypatch.setattr(_paramiko, "PUBLIC_API_ONLY", public)
 
     opened: list[tuple[int, int]] = []  # (remote port, local peer's port: 0 if ahead)
     open_forward = tunnel.open_forward
