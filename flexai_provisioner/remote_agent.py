@@ -8,13 +8,10 @@ line on stdin:
             survives the SSH connection dropping), print ``{"pid", "ports", "connection_file"}``.
 ``attach``  ``{"pid": N}``: print ``{"pid": N}`` if that kernel still runs, else its exit.
 ``preload`` as ``launch``, but started ahead of need (a standby for the next start or
-            restart): it listens on five ports and prints ``{"ports"}`` at once, imports
-            ipykernel, reads its spec, then forks the kernel from itself (which costs its
-            set-up, not its ~0.3 s of imports) and the fork's ZeroMQ sockets take over the
-            listening ones (``ZMQ_USE_FD``), so connections made meanwhile wait in their
-            backlog: the client's forwards open while ipykernel imports. It forks only what
-            ``python -m ipykernel_launcher`` with this same Python and no PYTHON* variables
-            would run, while it has a single thread; else it closes them, as ``launch``.
+            restart), with ``remote_fork.py``'s source sent ahead of this one: it listens on
+            five ports and prints ``{"ports"}`` at once, imports ipykernel, reads its spec,
+            then forks the kernel from itself, the fork's ZeroMQ sockets taking the
+            listening ones over; a kernel it cannot fork it starts as ``launch`` does.
 
 Then, in both modes, it stays as the kernel's watcher for as long as its channel is open:
 each further stdin line ``{"signal": S}`` signals the kernel's process group, and when the
@@ -41,6 +38,15 @@ except ImportError:  # not CPython
     _json = None
     import signal
     import socket
+
+# remote_fork.py's source comes ahead of this one in preload mode; imported (tests, linters)
+# or run without it (launch, attach: not needed then), its names come from the module if any.
+# (No contextlib.suppress: importing contextlib costs this agent's start-up a few ms.)
+if "fork_kernel" not in globals():
+    try:  # noqa: SIM105
+        from flexai_provisioner.remote_fork import fork_kernel, forkable, preload, wait_bound
+    except ImportError:
+        pass
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 PROBE_INTERVAL = 0.001  # a refused probe costs the starting kernel nothing
@@ -196,37 +202,6 @@ class Child:
             os.close(out)
         return cls(pid)
 
-    @classmethod
-    def fork(cls, argv, env, cwd, log_path, held, bound):
-        """The kernel as a fork of this (preloaded) process, its sockets bound to ``held``'s
-        listening ones (it writes to ``bound`` once all are); the child never returns."""
-        os.chdir(cwd)  # here, so that a missing folder is an error the agent can report
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid:
-            os.close(out)
-            return cls(pid)
-        code = 1
-        try:
-            os.setsid()
-            hand_over(held, bound)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            os.close(null)
-            os.close(out)
-            os.environ.clear()
-            os.environ.update(env)
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's own, which main() undid
-            sys.argv = [argv[0], *argv[3:]]  # run_module puts the module's path first
-            code = run_kernel_module(argv[2])
-        finally:
-            # Never unwind into the agent's frames: this process is the kernel now.
-            os._exit(code)
-
     def poll(self):
         if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -238,92 +213,6 @@ class Child:
         if self.returncode is None:
             self.returncode = exit_code(os.waitpid(self.pid, 0)[1])
         return self.returncode
-
-
-def hand_over(held, bound):
-    """Bind the kernel's ZeroMQ sockets to ``held``'s listening sockets, by port, as systemd's
-    socket activation does; write to ``bound`` once all are bound."""
-    import threading
-
-    import zmq
-
-    fds = {s.getsockname()[1]: s.detach() for s in held}
-    lock = threading.Lock()  # the heartbeat binds from a thread of its own
-    bind = zmq.Socket.bind
-
-    def bind_held(self, addr):
-        port = addr.rpartition(":")[2] if str(addr).startswith("tcp://") else ""
-        with lock:
-            fd = fds.pop(int(port), None) if port.isdigit() else None
-        if fd is None:
-            return bind(self, addr)
-        self.setsockopt(zmq.USE_FD, fd)
-        try:
-            return bind(self, addr)
-        finally:
-            self.setsockopt(zmq.USE_FD, -1)
-            with lock:
-                if not fds:
-                    os.write(bound, b"1")
-
-    zmq.Socket.bind = bind_held
-
-
-def run_kernel_module(name):
-    """Run ``name`` as ``python -m`` would and end as the interpreter would; its status."""
-    import atexit
-    import runpy
-    import traceback
-
-    try:
-        runpy.run_module(name, run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    atexit._run_exitfuncs()  # what a normal exit runs; os._exit then skips nothing else
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code is None or isinstance(code, int):
-        return code or 0
-    sys.stderr.write("%s\n" % (code,))
-    return 1
-
-
-PRELOADED = "ipykernel_launcher"
-
-
-def preload():
-    """Import what ``python -m ipykernel_launcher`` imports; whether the import worked."""
-    if _json is None:  # not CPython: forking an interpreter is only known safe there
-        return False
-    try:
-        import ipykernel.kernelapp  # noqa: F401 - imported to be inherited by forks
-    except Exception:
-        return False
-    return True
-
-
-def forkable(argv, env):
-    """Whether a fork of this process runs what ``argv`` would, in ``env``."""
-    if len(argv) < 3 or argv[1:3] != ["-m", PRELOADED]:
-        return False
-    if any(
-        name.startswith("PYTHON") and os.environ.get(name) != value for name, value in env.items()
-    ):
-        return False  # they act at interpreter start-up, which a fork skips
-    try:
-        executable = find_executable(argv[0], env)
-    except OSError:
-        return False
-    if os.path.realpath(executable) != os.path.realpath(sys.executable):
-        return False
-    try:
-        return len(os.listdir("/proc/self/task")) == 1  # a fork keeps only its own thread
-    except OSError:
-        return False
 
 
 def exit_code(status):
@@ -359,10 +248,10 @@ def launch(spec, lines, preloaded=False, held=None):
     timeout = spec.get("timeout", 60)
     bound = None
     try:
-        if early and preloaded and forkable(argv, env) and hasattr(sys.modules["zmq"], "USE_FD"):
+        if early and preloaded and forkable(argv, env, find_executable):
             bound, bound_w = os.pipe()
             try:
-                proc = Child.fork(argv, env, cwd, log_path, held, bound_w)
+                proc = Child(fork_kernel(argv, env, cwd, log_path, held, bound_w))
             finally:
                 os.close(bound_w)
                 release(held)  # the kernel's now: if it dies, connections see them close
@@ -408,19 +297,6 @@ def wait_listening(proc, ports, timeout):
         else:
             time.sleep(PROBE_INTERVAL)
     return True
-
-
-def wait_bound(proc, bound, timeout):
-    """Until the forked kernel has bound its sockets (it writes to ``bound``), or exits, or
-    ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if select.select([bound], [], [], 0.05)[0]:
-                return os.read(bound, 1) == b"1"
-        return False
-    finally:
-        os.close(bound)
 
 
 def attach(spec, lines):

@@ -24,7 +24,8 @@ UNKNOWN_EXIT = -1  # the kernel died while we were not watching; its status is l
 
 
 def _agent_command(python: str, mode: str) -> str:
-    source = resources.files(__package__).joinpath("remote_agent.py").read_text()
+    files = ("remote_fork.py", "remote_agent.py") if mode == "preload" else ("remote_agent.py",)
+    source = "\n".join(resources.files(__package__).joinpath(f).read_text() for f in files)
     # -I -S: no site-packages, no home directory on sys.path (faster, and unshadowable);
     # except to preload ipykernel, which must import as a kernel would.
     isolate = "" if mode == "preload" else " -I -S"
