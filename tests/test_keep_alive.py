@@ -199,6 +199,31 @@ def test_an_unadopted_instance_expires_on_the_platform_and_gc_closes_its_row(
     assert parked_rows(emulator.url) == {} and not key.exists()
 
 
+def test_exit_cleanup_deletes_what_runs_but_not_what_is_parked(emulator, warm):
+    """A process parks one kernel's instance, then ends with another kernel still running."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from jupyter_client.manager import KernelManager
+        kms = [KernelManager(kernel_name=sys.argv[1]) for _ in range(2)]
+        for km in kms:
+            km.start_kernel()
+            km.client().wait_for_ready(timeout=60)
+        print(json.dumps([km.provisioner.instance_id for km in kms]), flush=True)
+        kms[0].shutdown_kernel()  # parked; kms[1] is left running as the process ends
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, WARM], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    parked, running = json.loads(done.stdout.splitlines()[-1])
+    assert emulator.live_instances() == [parked]
+    with client() as c:
+        assert c.get_instance(running).state is InstanceState.DELETED
+    assert set(parked_rows(emulator.url)) == {parked}
+
+
 # -- what is not parked ------------------------------------------------------------------
 
 
