@@ -92,9 +92,10 @@ class PhaseEvent:
                 if self.cost_usd is None
                 else f", cost ${self.cost_usd:.{2 if self.cost_usd >= 0.01 else 4}f}"
             )
+            note = f"; {self.message}" if self.message else ""
             return (
                 f"shut down; instance {self.instance_id} ran "
-                f"{timedelta(seconds=round(self.elapsed))}{cost}"
+                f"{timedelta(seconds=round(self.elapsed))}{cost}{note}"
             )
         if self.phase == "limit reached":
             return f"{self.message}; shutting it down"
@@ -238,10 +239,14 @@ def report_instance(
 
 
 def report_shutdown(
-    log: logging.Logger | logging.LoggerAdapter[Any], kernel_id: str, instance: Instance | None
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    kernel_id: str,
+    instance: Instance | None,
+    message: str = "",
 ) -> PhaseEvent:
-    """Publish and log a kernel's last note: how long its instance ran and what it cost."""
-    return report_instance(log, kernel_id, "shut down", instance)
+    """Publish and log a kernel's last note: how long its instance ran and what it cost, and
+    ``message`` (``parked ...`` when the instance was kept for the next kernel)."""
+    return report_instance(log, kernel_id, "shut down", instance, message)
 
 
 def _has_handler(log: logging.Logger | logging.LoggerAdapter[Any]) -> bool:

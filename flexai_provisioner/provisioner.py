@@ -388,8 +388,9 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         # A start is over once its instance is deleted, even if our caller stops waiting.
         deleted.add_done_callback(lambda _: self._not_starting())
         # Shielded: a second cancellation must not abandon a half-deleted instance.
-        await asyncio.shield(deleted)
-        progress.report_shutdown(self.log, self.kernel_id, session.instance)
+        parked = await asyncio.shield(deleted)
+        note = f"parked for {keep_alive} s for the next kernel (keep_alive)" if parked else ""
+        progress.report_shutdown(self.log, self.kernel_id, session.instance, note)
 
     def _not_starting(self) -> None:
         if _first_starts.get(self.kernel_id) is self:

@@ -342,18 +342,19 @@ class InstanceSession(KernelLink):
 
     # -- stop ----------------------------------------------------------------------------
 
-    def teardown(self, keep_alive: int = 0) -> None:
+    def teardown(self, keep_alive: int = 0) -> bool:
         """Delete the instance and release everything local. Safe to call more than once.
 
         If the platform fails to delete it, the deletion is owed: recorded in the ledger and
         retried by the supervisor until it succeeds (and by ``jupyter flexai gc``). With
         ``keep_alive`` (a clean shutdown), a healthy instance is parked for that many seconds
         instead (:mod:`.parking`), its kernel stopped; one that cannot be parked is deleted.
+        Whether it was parked.
         """
         self._cancelled.set()
         with self._start_step:
             if self._closed:
-                return
+                return False
             self._closed = True
         park = keep_alive > 0 and self._launched and self.lost_reason is None and self.connected
         try:
@@ -369,11 +370,13 @@ class InstanceSession(KernelLink):
             self._save_results()
             if self.conn is not None:
                 self.conn.close()
-            if not (park and self._park(keep_alive)):
+            parked = park and self._park(keep_alive)
+            if not parked:
                 self.delete_instance()
         finally:
-            self.key.remove()  # the instance is gone or its deletion owed
+            self.key.remove()  # the instance is gone, parked or its deletion owed
             exit_cleanup.unregister(self)
+        return parked
 
     def _save_results(self) -> None:
         """Before the instance goes: copy back what the kernel made. A link that is down or

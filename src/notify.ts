@@ -90,9 +90,11 @@ function onPhase(
         return;
       }
       const cost = event.cost_usd === undefined ? '' : `, ${formatCost(event.cost_usd)}`;
+      // keep_alive: the instance waits for the next kernel rather than being deleted.
+      const parked = (event.message ?? '').startsWith('parked');
       const deleted =
-        `instance ${event.instance_id} deleted, ran ` +
-        `${formatDuration(event.elapsed_seconds)}${cost}.`;
+        `instance ${event.instance_id} ${parked ? 'parked for the next kernel' : 'deleted'}, ` +
+        `ran ${formatDuration(event.elapsed_seconds)}${cost}${parked ? ' so far' : ''}.`;
       Notification.info(
         cancelled
           ? `The start${where} was cancelled: ${deleted}`

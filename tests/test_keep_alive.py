@@ -118,8 +118,9 @@ def test_a_second_process_adopts_the_parked_instance_with_a_fresh_kernel(emulato
     first.mkdir()
     (first / "input.txt").write_text("data")
     made = "open('made.txt', 'w').write('result'); " + LOOK
-    one, _ = run(first, made)
+    one, said = run(first, made)
     instance_id = one["instance"]
+    assert f"instance {instance_id} ran" in said and f"parked for {KEEP_ALIVE} s" in said
 
     # Shut down, yet running: parked with a lease of keep_alive, its key kept 0600.
     assert emulator.live_instances() == [instance_id]
@@ -228,7 +229,8 @@ def test_exit_cleanup_deletes_what_runs_but_not_what_is_parked(emulator, warm):
 
 
 def test_without_keep_alive_the_instance_is_deleted_at_shutdown(emulator, kernelspecs, tmp_path):
-    one, _ = run(tmp_path / "nb", kernel="flexai-a100")
+    one, said = run(tmp_path / "nb", kernel="flexai-a100")
+    assert "parked" not in said
     assert emulator.live_instances() == []
     with client() as c:
         assert c.get_instance(one["instance"]).state is InstanceState.DELETED
