@@ -179,6 +179,7 @@ def parked_model(entry: Entry, instance: Instance, now: float) -> dict[str, obje
     instance (``instance``: its platform record): its kind, when it expires, what it has cost
     so far and costs per hour."""
     until = entry.parked_until or now
+    at = datetime.fromtimestamp(now, timezone.utc)
     return {
         "instance_id": entry.instance_id,
         "state": "parked",
@@ -186,8 +187,10 @@ def parked_model(entry: Entry, instance: Instance, now: float) -> dict[str, obje
         "gpu_count": entry.gpu_count,
         "parked_until": format_time(until),
         "seconds_left": round(max(0.0, until - now), 1),
+        "created_at": format_time(instance.created_at),
+        "uptime_seconds": round(instance.uptime(at), 1),
         "price_per_hour": instance.price_per_hour,
-        "cost_usd": round(instance.cost(datetime.fromtimestamp(now, timezone.utc)), 6),
+        "cost_usd": round(instance.cost(at), 6),
     }
 
 

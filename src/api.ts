@@ -44,6 +44,8 @@ export interface IParked {
   gpu_count: number;
   parked_until: string;
   seconds_left: number;
+  created_at: string;
+  uptime_seconds: number;
   price_per_hour: number;
   cost_usd: number;
 }

@@ -86,7 +86,7 @@ class InstancesBody extends Widget {
           `${model.gpu_count > 1 ? `${model.gpu_count}× ` : ''}${model.gpu_type}`,
           'parked for the next kernel',
           `parked, ${formatDuration(Math.max(0, model.seconds_left - passed))} left`,
-          '',
+          formatDuration(model.uptime_seconds + passed),
           `${formatCost(cost)} at ${formatPrice(model.price_per_hour)}`
         ],
         instanceId: model.instance_id

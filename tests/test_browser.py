@@ -348,7 +348,7 @@ def test_the_instances_dialog_shows_a_parked_instance_and_stop_deletes_it(
         page.keyboard.press("Enter")
         row = page.locator(f".jp-Dialog tr[data-instance='{instance_id}']")
         expect(row).to_contain_text("parked for the next kernel")
-        expect(row).to_contain_text(re.compile(r"parked, 0:0\d:\d\d left"))
+        expect(row).to_contain_text(re.compile(r"parked, 0:0\d:\d\d left\s*\d+:\d\d:\d\d"))
         expect(row).to_contain_text(re.compile(r"\$0\.\d+ at \$1\.89/h"))
         summary = page.locator(".jp-Dialog .jp-FlexAI-summary")
         expect(summary).to_contain_text("0 running, 1 parked, $1.89/h in all")

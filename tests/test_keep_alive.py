@@ -385,6 +385,7 @@ def test_the_server_lists_parked_instances_and_stop_deletes_them(
     assert parked["instance_id"] == instance_id and parked["state"] == "parked"
     assert (parked["gpu_type"], parked["gpu_count"], parked["price_per_hour"]) == ("A100", 1, 1.89)
     assert parked["cost_usd"] > 0 and 0 < parked["seconds_left"] <= KEEP_ALIVE
+    assert parked["uptime_seconds"] > 0 and parked["created_at"].endswith("Z")
 
     # ...which the next kernel adopts; Stop on that kernel deletes it rather than park it.
     kernel_id, adopted = start()
