@@ -123,15 +123,15 @@ class InstanceSession(KernelLink):
         keep the key (if ``keep_key``, or for a workspace's ``jupyter flexai sync``), copy
         the folder. Returns the local ports. The caller tears down after a failure. A parked
         instance of this kind (``keep_alive``) is adopted instead of provisioning one."""
-        self.plan_workspace(folder, kernel_id)
+        self._plan_workspace(folder, kernel_id)
         if not self.adopt(gpu_type, gpu_count, kernel_id, phase):
-            self.provision(gpu_type, gpu_count, kernel_id, phase)
+            self._provision(gpu_type, gpu_count, kernel_id, phase)
             self.connect(phase)
         ports = self.local_ports
         if keep_key or self.workspace is not None:
             with self._start_step:  # not after teardown, which removes the file
                 self._check_cancelled()
-                self.keep_key(kernel_id)
+                self._keep_key(kernel_id)
         self.upload_workspace(phase)
         phase("starting kernel")
         return ports
@@ -140,49 +140,46 @@ class InstanceSession(KernelLink):
         """Make a start step or reconnect under way return promptly; a start stops after it."""
         self._cancelled.set()
 
-    def provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
+    def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
         """Create the instance and wait until it runs. The ledger knows it before the POST."""
         with self._start_step:
-            self._provision(gpu_type, gpu_count, kernel_id, phase)
+            self._check_cancelled()
+            phase("requesting")
+            self.ledger.record_request(self.request_key, self.api_url, kernel_id, gpu_type)
+            exit_cleanup.register(self)
+            labels = {
+                **self.settings.labels,
+                LABEL_KERNEL: kernel_id,
+                LABEL_REQUEST: self.request_key,
+                **owner_labels(self.ledger.owner_id, Owner.this_process()),
+            }
+            self.instance = self.platform.provision(
+                gpu_type,
+                gpu_count=gpu_count,
+                ssh_public_key=self.key.pair.public_openssh,
+                labels=labels,
+                ttl_seconds=self.settings.instance_ttl or None,
+                idempotency_key=self.request_key,
+            )
+            self.ledger.record_instance(self.request_key, self.instance.id)
+            self.log.info(
+                "FlexAI instance %s requested (%s x%d)", self.instance.id, gpu_type, gpu_count
+            )
+            supervisor.watch(self)
 
-    def _provision(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> None:
-        self._check_cancelled()
-        phase("requesting")
-        self.ledger.record_request(self.request_key, self.api_url, kernel_id, gpu_type)
-        exit_cleanup.register(self)
-        labels = {
-            **self.settings.labels,
-            LABEL_KERNEL: kernel_id,
-            LABEL_REQUEST: self.request_key,
-            **owner_labels(self.ledger.owner_id, Owner.this_process()),
-        }
-        self.instance = self.platform.provision(
-            gpu_type,
-            gpu_count=gpu_count,
-            ssh_public_key=self.key.pair.public_openssh,
-            labels=labels,
-            ttl_seconds=self.settings.instance_ttl or None,
-            idempotency_key=self.request_key,
-        )
-        self.ledger.record_instance(self.request_key, self.instance.id)
-        self.log.info(
-            "FlexAI instance %s requested (%s x%d)", self.instance.id, gpu_type, gpu_count
-        )
-        supervisor.watch(self)
+            def on_state(inst: Instance) -> None:
+                if inst.state is InstanceState.PENDING:
+                    phase("queued")
+                elif inst.state is InstanceState.PROVISIONING:
+                    phase("booting")
 
-        def on_state(inst: Instance) -> None:
-            if inst.state is InstanceState.PENDING:
-                phase("queued")
-            elif inst.state is InstanceState.PROVISIONING:
-                phase("booting")
-
-        self.instance = wait_running(
-            self.platform,
-            self.instance.id,
-            self.settings.provision_timeout,
-            on_state=on_state,
-            cancel=self._cancelled,
-        )
+            self.instance = wait_running(
+                self.platform,
+                self.instance.id,
+                self.settings.provision_timeout,
+                on_state=on_state,
+                cancel=self._cancelled,
+            )
 
     def adopt(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> bool:
         """Take over a parked instance of this kind (:mod:`.parking`) instead of provisioning:
@@ -229,10 +226,10 @@ class InstanceSession(KernelLink):
         if self.conn is not None:
             self.conn.close()
         self.conn = None
-        self.delete_instance()
+        self._delete_instance()
         self.instance = None
 
-    def keep_key(self, kernel_id: str) -> None:
+    def _keep_key(self, kernel_id: str) -> None:
         """Keep a fresh key in its runtime file, for other processes that need to reach the
         instance. The ledger knows the file, so ``jupyter flexai gc`` removes it if this
         process dies; teardown removes it otherwise."""
@@ -240,7 +237,7 @@ class InstanceSession(KernelLink):
         if kept is not None:
             self.ledger.record_key_file(self.request_key, kept)
 
-    def plan_workspace(self, local_dir: str | None, kernel_id: str) -> None:
+    def _plan_workspace(self, local_dir: str | None, kernel_id: str) -> None:
         """Choose the folder to mirror on the instance (the frontend's ``cwd`` for the
         kernel, normally the notebook's folder) and check its size, before anything is
         provisioned. No folder given, or ``workspace`` off: the kernel starts in the
@@ -372,7 +369,7 @@ class InstanceSession(KernelLink):
                 self.conn.close()
             parked = park and self._park(keep_alive)
             if not parked:
-                self.delete_instance()
+                self._delete_instance()
         finally:
             self.key.remove()  # the instance is gone, parked or its deletion owed
             exit_cleanup.unregister(self)
@@ -434,7 +431,7 @@ class InstanceSession(KernelLink):
         )
         return True
 
-    def delete_instance(self) -> None:
+    def _delete_instance(self) -> None:
         owed = OwedDeletion(
             self.platform,
             self.ledger,
