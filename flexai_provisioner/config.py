@@ -51,6 +51,12 @@ def check_gpu_count(gpu_count: object) -> int:
     return gpu_count
 
 
+def check_positive(name: str, value: float, unit: str = "seconds") -> None:
+    """Reject a number of ``unit`` that is not finite and > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{name} must be a number of {unit} > 0, not {value!r}")
+
+
 def check_provisioner_config(provisioner: FlexAIProvisioner) -> None:
     """Refuse settings that cannot work before anything is requested, let alone billed.
 
@@ -83,15 +89,11 @@ def check_provisioner_config(provisioner: FlexAIProvisioner) -> None:
         )
     try:
         check_gpu_count(provisioner.gpu_count)
+        for name in _POSITIVE:
+            unit = "MB" if name == "workspace_max_mb" else "seconds"
+            check_positive(name, getattr(provisioner, name), unit)
     except ConfigurationError as e:
         raise ConfigurationError(f"kernelspec {spec!r}: {e}") from None
-    for name in _POSITIVE:
-        value = getattr(provisioner, name)
-        if not (math.isfinite(value) and value > 0):
-            unit = "MB" if name == "workspace_max_mb" else "seconds"
-            raise ConfigurationError(
-                f"kernelspec {spec!r}: {name} must be a number of {unit} > 0, not {value!r}"
-            )
     for name, zero in (("instance_ttl", "no expiry"), ("keep_alive", "off")):
         if getattr(provisioner, name) < 0:
             raise ConfigurationError(

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import select
 import signal
@@ -41,7 +40,7 @@ from typing import Any
 
 from . import executor, progress
 from .client import FlexAIClient
-from .config import SessionSettings, check_gpu_count
+from .config import SessionSettings, check_gpu_count, check_positive
 from .errors import ConfigurationError, FlexAIError
 from .kernel_key import KernelKey
 from .kernelspecs import ipykernel_argv, kernel_name
@@ -240,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         kernel_name(args.gpu)
         check_gpu_count(args.gpu_count)
         connection = read_connection_file(args.connection_file)
-        if not (math.isfinite(args.workspace_max_mb) and args.workspace_max_mb > 0):
-            raise ConfigurationError("--workspace-max-mb must be a number of MB > 0")
+        check_positive("--workspace-max-mb", args.workspace_max_mb, "MB")
         settings = SessionSettings.defaults(
             FlexAIProvisioner, workspace=args.workspace, workspace_max_mb=args.workspace_max_mb
         )
