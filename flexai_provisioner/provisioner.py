@@ -1,14 +1,12 @@
 """The kernel provisioner: a Jupyter kernel on a FlexAI GPU instance, reached over SSH.
 
-It holds the traits and the ``KernelProvisionerBase`` lifecycle; each kernel's instance is
-an :class:`~flexai_provisioner.session.InstanceSession`, whose blocking network work runs
-in threads while the event loop only awaits it. A first start provisions an instance,
-connects, copies the kernel's folder (``cwd``) and opens five local ports; a restart keeps
-the instance and copies the folder's changes; ``cleanup()`` copies back what the kernel
-made, then deletes the instance. Any failure or cancellation during a first start deletes
-what was provisioned before the error propagates. The kernelspec's ``argv`` (the launcher,
-:mod:`flexai_provisioner.launch`, for frontends without provisioners) is replaced here by
-ipykernel on the instance (:func:`~flexai_provisioner.kernelspecs.remote_argv`).
+Traits and the ``KernelProvisionerBase`` lifecycle only: each kernel's instance is an
+:class:`~flexai_provisioner.session.InstanceSession`, whose blocking work runs in threads the
+event loop awaits. A first start provisions, connects and copies the kernel's folder; a
+restart keeps the instance; ``cleanup()`` copies results back and deletes the instance. A
+failed or cancelled first start deletes what it made before the error propagates. The
+kernelspec's ``argv`` (the launcher, for frontends without provisioners) becomes ipykernel
+on the instance (:func:`~flexai_provisioner.kernelspecs.remote_argv`).
 """
 
 from __future__ import annotations
@@ -431,8 +429,7 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self._start_phase
 
     def _report_lost(self, reason: str) -> None:
-        """The session gave the instance up (called from the supervisor's thread): a ``lost``
-        phase with the reason, for the server extension's model and events."""
+        """The session gave the instance up (in the supervisor's thread): a ``lost`` phase."""
         instance = self._session.instance if self._session is not None else None
         progress.report_instance(self.log, self.kernel_id, "lost", instance, reason)
 
