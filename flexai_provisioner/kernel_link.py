@@ -163,6 +163,17 @@ class KernelLink:
         if future is not None:
             future.add_done_callback(_close_standby)
 
+    def _close_link(self) -> None:
+        """Let go of the kernel (without stopping it), its standby, local ports and SSH link."""
+        if self.kernel is not None:
+            self.kernel.detach()
+            self.kernel = None
+        self._drop_standby()
+        if self.tunnel is not None:
+            self.tunnel.close()
+        if self.conn is not None:
+            self.conn.close()
+
     def _attach(self, pid: int, ports: dict[str, int], workdir: str) -> None:
         assert self.conn is not None and self.tunnel is not None
         self.kernel = RemoteKernel.attach(

@@ -311,12 +311,23 @@ class InstanceSession(KernelLink):
             )
         exit_cleanup.register(self)
         supervisor.watch(self)
-        self.conn = self._connect()
-        self.tunnel = Tunnel(PORT_NAMES, local_ports)
-        self._attach(kernel["pid"], kernel["ports"], kernel["workdir"])
+        try:
+            self.conn = self._connect()
+            self.tunnel = Tunnel(PORT_NAMES, local_ports)
+            self._attach(kernel["pid"], kernel["ports"], kernel["workdir"])
+            self.ledger.adopt(request_key)
+        except BaseException:
+            self._let_go()
+            raise
         self._prepare_standby()
         self._launched = True
-        self.ledger.adopt(request_key)
+
+    def _let_go(self) -> None:
+        """A reattach failed: close what it opened; the instance stays the ledger's owner's."""
+        self._closed = True
+        supervisor.unwatch(self)
+        exit_cleanup.unregister(self)
+        self._close_link()
 
     # -- running -------------------------------------------------------------------------
 
@@ -358,15 +369,8 @@ class InstanceSession(KernelLink):
             supervisor.unwatch(self)
             if park:
                 self.stop_kernel()  # no process of this kernel's may meet the next one
-            if self.kernel is not None:
-                self.kernel.detach()
-                self.kernel = None
-            self._drop_standby()
-            if self.tunnel is not None:
-                self.tunnel.close()
             self._save_results()
-            if self.conn is not None:
-                self.conn.close()
+            self._close_link()
             parked = park and self._park(keep_alive)
             if not parked:
                 self._delete_instance()

@@ -28,9 +28,11 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 from traitlets.config import Config
 
+from flexai_provisioner import exit_cleanup
 from flexai_provisioner.client import FlexAIClient
-from flexai_provisioner.errors import StartCancelledError
+from flexai_provisioner.errors import SSHError, StartCancelledError
 from flexai_provisioner.provisioner import starting
+from flexai_provisioner.ssh import generate_keypair
 
 JUPYTER_FLEXAI = str(Path(sys.executable).with_name("jupyter-flexai"))
 
@@ -479,10 +481,9 @@ REATTACH_OWNER = textwrap.dedent(
 )
 
 
-async def reattach_after_owner_crash(*owner_args: str) -> AsyncKernelManager:
+def crashed_owner_info(*owner_args: str) -> dict:
     """Start a kernel in a process that runs ``owner_args`` (code that prints nothing, [the
-    kernel's folder]) in it and dies; return a manager reattached to that kernel from the
-    provisioner info it printed."""
+    kernel's folder]) in it and dies; return the provisioner info it printed."""
     owner = subprocess.run(
         [sys.executable, "-c", REATTACH_OWNER, *owner_args],
         capture_output=True,
@@ -492,6 +493,15 @@ async def reattach_after_owner_crash(*owner_args: str) -> AsyncKernelManager:
     assert owner.returncode == 0, owner.stderr
     info = json.loads(owner.stdout)
     info["connection_info"]["key"] = info["connection_info"]["key"].encode()
+    return info
+
+
+async def reattach_after_owner_crash(*owner_args: str) -> AsyncKernelManager:
+    """A manager reattached to the kernel of :func:`crashed_owner_info`."""
+    return await reattach(crashed_owner_info(*owner_args))
+
+
+async def reattach(info: dict) -> AsyncKernelManager:
     km = AsyncKernelManager(kernel_name="flexai-a100", kernel_id=info["kernel_id"])
     km.load_connection_info(info["connection_info"])
     km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
@@ -499,6 +509,24 @@ async def reattach_after_owner_crash(*owner_args: str) -> AsyncKernelManager:
     )
     await km.provisioner.load_provisioner_info(info)
     return km
+
+
+async def test_a_failed_reattach_leaves_the_instance_to_its_owner(emulator, kernelspecs, api_key):
+    info = crashed_owner_info("pass")
+    instance_id, key_file = info["flexai"]["instance_id"], Path(info["flexai"]["key_file"])
+    key_file.write_bytes(generate_keypair().private_openssh)  # a key the instance refuses
+    try:
+        with pytest.raises(SSHError):
+            await reattach(info)
+        # Nothing of this process may delete it at exit, nor renew its lease meanwhile.
+        assert not [o for o in exit_cleanup.owned() if getattr(o, "instance_id", None)]
+        assert emulator.live_instances() == [instance_id]
+        assert key_file.exists()
+    finally:
+        with FlexAIClient(emulator.url, api_key) as api:
+            api.delete_instance(instance_id)
+        key_file.unlink(missing_ok=True)
+    await until_async(lambda: not emulator.live_instances(), "the instance's deletion", 30)
 
 
 async def test_reattach_from_provisioner_info_runs_in_the_same_kernel(emulator, kernelspecs):
