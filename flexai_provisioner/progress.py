@@ -204,15 +204,8 @@ def reporter(
     (``message``) and the notebook the start is for (``path``)."""
 
     def report(phase: str, message: str = "") -> None:
-        event = registry.publish(
-            kernel_id,
-            phase,
-            time.monotonic() - start,
-            instance_id=instance_id(),
-            message=message,
-            path=path,
-        )
-        log_event(log, event)
+        elapsed = time.monotonic() - start
+        _note(log, kernel_id, phase, elapsed, instance_id=instance_id(), message=message, path=path)
 
     return report
 
@@ -226,7 +219,8 @@ def report_instance(
 ) -> PhaseEvent:
     """Publish and log a note about a kernel's instance (``lost``, ``limit reached``, ``shut
     down``), timed from the instance's creation; ``shut down`` carries what it cost."""
-    event = registry.publish(
+    return _note(
+        log,
         kernel_id,
         phase,
         instance.uptime() if instance else 0.0,
@@ -234,6 +228,17 @@ def report_instance(
         cost_usd=instance.cost() if instance and phase == "shut down" else None,
         message=message,
     )
+
+
+def _note(
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    kernel_id: str,
+    phase: str,
+    elapsed: float,
+    **fields: Any,
+) -> PhaseEvent:
+    """Publish one phase event and log it: every phase goes both ways."""
+    event = registry.publish(kernel_id, phase, elapsed, **fields)
     log_event(log, event)
     return event
 
