@@ -41,6 +41,7 @@ demo: demo-deps $(VENV)/.demo-installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: test-deps lint
 	$(BIN)/python -m pytest
