@@ -20,7 +20,7 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
 from paramiko.sftp import CMD_HANDLE, CMD_STATUS
 
-# Read at each connect, so that tests can switch it per test.
+# The variable is read at import, the flag at each connect (so tests can switch it per test).
 PUBLIC_API_ONLY = os.environ.get("FLEXAI_SSH_PUBLIC_API_ONLY", "") not in ("", "0")
 READ_AHEAD = 256 * 1024  # one recv() serves several packets of bulk output
 
@@ -232,7 +232,7 @@ class _Socket:
 
 
 class SFTPRequests:
-    """SFTPClient pipelined (it waits for each answer but to file data's): requests unawaited."""
+    """SFTPClient's requests sent without waiting (it waits for each answer but file data's)."""
 
     def __init__(self, sftp: paramiko.SFTPClient):
         self._sftp, self.read_answer = sftp, sftp._read_response
