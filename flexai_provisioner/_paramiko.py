@@ -129,7 +129,7 @@ class _Packetizer(paramiko.Packetizer):
             if plain[1] == MSG_CHANNEL_DATA:  # padding length, type, channel, data length
                 chan = transport._channels.get(int.from_bytes(plain[2:6], "big"))
                 if chan is not None and "flexai_sink" in chan.__dict__:
-                    n = int.from_bytes(plain[6:10], "big")
+                    n = min(int.from_bytes(plain[6:10], "big"), size - plain[0] - 10)
                     transport.held.setdefault(chan, []).append(memoryview(plain)[10 : 10 + n])
                     continue
             m = paramiko.Message(plain[2 : size - plain[0]])
