@@ -297,6 +297,8 @@ class SSHConnection:
                     f"the SSH server at {self._where} did not answer our login within "
                     f"{self._connect_timeout:g} s"
                 ) from e
+            if not transport.is_active():  # paramiko says "failed" for a link lost mid-login too
+                raise SSHError(f"the SSH link to {self._where} closed during the login") from e
             raise SSHAuthenticationError(
                 f"the instance at {self._where} refused our SSH key: the platform did not "
                 "authorise the key it was given"

@@ -7,6 +7,7 @@ own way); with its public API only, each waits for the answer before.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ from paramiko.common import (
 
 from flexai_provisioner import _paramiko
 from flexai_provisioner.client import FlexAIClient
-from flexai_provisioner.errors import SSHAuthenticationError
+from flexai_provisioner.errors import SSHAuthenticationError, SSHError
 from flexai_provisioner.gpu_platform import SSHEndpoint, wait_deleted, wait_running
 from flexai_provisioner.ssh import KeyPair, connect, generate_keypair
 
@@ -141,3 +142,18 @@ def test_after_a_refused_key_the_right_one_still_logs_in(instance, public):
         assert run(conn, "echo ok") == b"ok\n"
     finally:
         conn.close()
+
+
+def test_a_link_lost_during_the_login_is_not_called_a_refused_key(instance, public, monkeypatch):
+    endpoint, key = instance
+    send = paramiko.Packetizer.send_message
+
+    def cut_after_userauth(self, data):
+        send(self, data)
+        if data.asbytes()[0] == MSG_USERAUTH_REQUEST:  # the link dies before any answer
+            self._Packetizer__socket.shutdown(socket.SHUT_RDWR)
+
+    monkeypatch.setattr(paramiko.Packetizer, "send_message", cut_after_userauth)
+    with pytest.raises(SSHError, match="closed during the login") as caught:
+        connect(endpoint, key, connect_timeout=10)
+    assert not isinstance(caught.value, SSHAuthenticationError)
