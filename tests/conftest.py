@@ -20,7 +20,8 @@ Emulator (a local FlexAI platform whose instances are real sshd processes on 127
   ``kernelspecs``), each on a free port with a token; all stopped at the end of the test.
 
 Helpers, imported by the tests (``from conftest import until``): ``until`` / ``until_async``,
-the one way a test waits for something; ``serving``, a stand-in HTTP server in a thread.
+the one way a test waits for something; ``serving``, a stand-in HTTP server in a thread;
+``running_instance``, a fresh instance to reach over SSH without a kernel.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
+from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.emulator import Emulator
+from flexai_provisioner.gpu_platform import SSHEndpoint, wait_deleted, wait_running
 from flexai_provisioner.kernelspecs import kernelspec_dict
 
 LEAK_WAIT = 15.0
@@ -277,6 +280,21 @@ def jupyter_server(
     yield start
     for server in servers:
         server.stop()
+
+
+@contextlib.contextmanager
+def running_instance(emulator: Emulator, api_key: str, public_key: str) -> Iterator[SSHEndpoint]:
+    """A new running instance that accepts ``public_key``: its SSH endpoint; deleted, and
+    the deletion confirmed, afterwards."""
+    with FlexAIClient(emulator.url, api_key) as client:
+        instance = client.provision("A100", ssh_public_key=public_key)
+        try:
+            instance = wait_running(client, instance.id, timeout=30)
+            assert instance.ssh is not None
+            yield instance.ssh
+        finally:
+            client.delete_instance(instance.id)
+            wait_deleted(client, instance.id, timeout=30)
 
 
 @contextlib.contextmanager

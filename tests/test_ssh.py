@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import paramiko
 import pytest
+from conftest import running_instance
 from paramiko.common import (
     MSG_CHANNEL_OPEN,
     MSG_SERVICE_ACCEPT,
@@ -22,9 +23,8 @@ from paramiko.common import (
 )
 
 from flexai_provisioner import _paramiko
-from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import SSHAuthenticationError, SSHError
-from flexai_provisioner.gpu_platform import SSHEndpoint, wait_deleted, wait_running
+from flexai_provisioner.gpu_platform import SSHEndpoint
 from flexai_provisioner.ssh import KeyPair, connect, generate_keypair
 
 WATCHED = {
@@ -50,15 +50,8 @@ def instance(emulator, api_key) -> Iterator[tuple[SSHEndpoint, KeyPair]]:
     """
     emulator.update_faults(link_latency_ms=50)
     key = generate_keypair()
-    with FlexAIClient(emulator.url, api_key) as client:
-        inst = client.provision("A100", ssh_public_key=key.public_openssh)
-        try:
-            inst = wait_running(client, inst.id, timeout=30)
-            assert inst.ssh is not None
-            yield inst.ssh, key
-        finally:
-            client.delete_instance(inst.id)
-            wait_deleted(client, inst.id, timeout=30)
+    with running_instance(emulator, api_key, key.public_openssh) as endpoint:
+        yield endpoint, key
 
 
 @pytest.fixture

@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator
 
 import paramiko
 import pytest
+from conftest import running_instance
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF
 
 from flexai_provisioner import _paramiko
-from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import LocalPortError, SSHTimeoutError
-from flexai_provisioner.gpu_platform import wait_deleted, wait_running
 from flexai_provisioner.relay import CHUNK
 from flexai_provisioner.ssh import WINDOW_SIZE, SSHConnection, connect, generate_keypair, set_sink
 from flexai_provisioner.tunnel import Tunnel
@@ -35,25 +34,18 @@ def link(request, emulator, api_key, monkeypatch) -> Iterator[SSHConnection]:
     public = request.param == "public-api"
     monkeypatch.setattr(_paramiko, "PUBLIC_API_ONLY", public)
     key = generate_keypair()
-    with FlexAIClient(emulator.url, api_key) as client:
-        instance = client.provision("A100", ssh_public_key=key.public_openssh)
+    with running_instance(emulator, api_key, key.public_openssh) as endpoint:
+        conn = connect(endpoint, key, connect_timeout=10)
         try:
-            instance = wait_running(client, instance.id, timeout=30)
-            assert instance.ssh is not None
-            conn = connect(instance.ssh, key, connect_timeout=10)
-            try:
-                chan = conn.exec("true")
-                try:  # the path asked for is the path taken
-                    assert set_sink(chan, lambda _data: None) is not public
-                    assert (type(conn.transport) is paramiko.Transport) is public
-                finally:
-                    chan.close()
-                yield conn
+            chan = conn.exec("true")
+            try:  # the path asked for is the path taken
+                assert set_sink(chan, lambda _data: None) is not public
+                assert (type(conn.transport) is paramiko.Transport) is public
             finally:
-                conn.close()
+                chan.close()
+            yield conn
         finally:
-            client.delete_instance(instance.id)
-            wait_deleted(client, instance.id, timeout=30)
+            conn.close()
 
 
 class Server:
@@ -311,13 +303,8 @@ def test_a_hung_handshake_is_a_timeout(emulator, api_key, monkeypatch, public):
     monkeypatch.setattr(_paramiko, "PUBLIC_API_ONLY", public)
     key = generate_keypair()
     emulator.update_faults(banner_hang=True)
-    with FlexAIClient(emulator.url, api_key) as client:
-        instance = client.provision("A100", ssh_public_key=key.public_openssh)
-        try:
-            instance = wait_running(client, instance.id, timeout=30)
-            assert instance.ssh is not None
-            with pytest.raises(SSHTimeoutError, match="did not complete the handshake within 1 s"):
-                connect(instance.ssh, key, connect_timeout=1)
-        finally:
-            client.delete_instance(instance.id)
-            wait_deleted(client, instance.id, timeout=30)
+    with (
+        running_instance(emulator, api_key, key.public_openssh) as endpoint,
+        pytest.raises(SSHTimeoutError, match="did not complete the handshake within 1 s"),
+    ):
+        connect(endpoint, key, connect_timeout=1)
