@@ -20,19 +20,8 @@ from pathlib import Path
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from paramiko.sftp import (
-    CMD_CLOSE,
-    CMD_EXTENDED,
-    CMD_OPEN,
-    CMD_SETSTAT,
-    CMD_WRITE,
-    SFTP_FLAG_CREATE,
-    SFTP_FLAG_TRUNC,
-    SFTP_FLAG_WRITE,
-    int64,
-)
 
-from ._paramiko import SFTPRequests, consumed, grant, new_transport, session_started, set_sink
+from ._paramiko import consumed, grant, new_transport, session_started, set_sink
 from .errors import (
     FlexAIError,
     HostKeyMismatchError,
@@ -50,7 +39,6 @@ __all__ = [
     "TRANSPORT_LOG",
     "WINDOW_SIZE",
     "KeyPair",
-    "SFTPBatch",
     "SFTPClient",
     "SSHConnection",
     "close_quietly",
@@ -372,74 +360,6 @@ def close_quietly(chan: paramiko.Channel) -> None:
     """Close ``chan``; closing fails only if its connection is gone, with nothing to tell."""
     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
         chan.close()
-
-
-class SFTPBatch:
-    """SFTP requests sent without waiting for each answer, which paramiko's SFTPClient does
-    for all but file data. Paramiko's way, copying a file costs five round trips (open,
-    close, two setstats, rename); here a folder costs about one, as files are opened ahead
-    of their data: over a 25 ms link that was most of a folder of small files' time.
-
-    Answers are checked as they arrive; :meth:`finish` waits for the rest and raises the
-    first failure as ``OSError``. Use it from one thread, with nothing else on the client.
-    """
-
-    #: SFTP (version 3) servers need only accept writes of up to ~32 KiB.
-    MAX_WRITE = 32 * 1024
-
-    def __init__(self, sftp: paramiko.SFTPClient):
-        self._chan = sftp.get_channel()
-        self._requests = SFTPRequests(sftp)
-
-    def _send(self, t: int, *args: object) -> int:
-        num = self._requests.send(t, *args)
-        # Read what came back now and then, so answers never fill the channel's window.
-        while len(self._requests.pending) > 256 and self._chan.recv_ready():
-            self._requests.read_answer()
-        return num
-
-    def create(self, path: str) -> int:
-        """Ask to create or truncate ``path`` for writing; a ticket for :meth:`handle`."""
-        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
-        return self._send(CMD_OPEN, path, flags, paramiko.SFTPAttributes())
-
-    def handle(self, ticket: int) -> bytes:
-        """The handle :meth:`create` asked for (waits for it: one round trip at most)."""
-        while ticket not in self._requests.handles:
-            if ticket not in self._requests.pending:  # answered with an error
-                self.finish()
-                raise OSError("the SFTP server answered an open with neither handle nor error")
-            self._requests.read_answer()
-        return self._requests.handles.pop(ticket)
-
-    def write(self, handle: bytes, offset: int, data: bytes) -> None:
-        # One request per channel packet: paramiko keeps 64 bytes of each for its headers,
-        # a write request needs 25 and the handle.
-        size = min(self.MAX_WRITE, self._chan.out_max_packet_size - 89 - len(handle))
-        for start in range(0, len(data), size):
-            self._send(CMD_WRITE, handle, int64(offset + start), data[start : start + size])
-
-    def close(self, handle: bytes) -> None:
-        self._send(CMD_CLOSE, handle)
-
-    def set_attributes(self, path: str, mtime: int, mode: int | None = None) -> None:
-        attrs = paramiko.SFTPAttributes()
-        attrs.st_atime = attrs.st_mtime = mtime
-        if mode is not None:
-            attrs.st_mode = mode
-        self._send(CMD_SETSTAT, path, attrs)
-
-    def rename(self, old: str, new: str) -> None:
-        """Rename ``old`` over ``new`` (OpenSSH's posix-rename, atomic)."""
-        self._send(CMD_EXTENDED, "posix-rename@openssh.com", old, new)
-
-    def finish(self) -> None:
-        requests = self._requests
-        while requests.pending:
-            requests.read_answer()
-        failure, requests.failure = requests.failure, None
-        if failure is not None:
-            raise failure
 
 
 def connect(endpoint: SSHEndpoint, key: KeyPair, **kwargs: float) -> SSHConnection:

@@ -28,7 +28,7 @@ from test_lifecycle import (
     ssh_connection_processes,
 )
 
-from flexai_provisioner import progress
+from flexai_provisioner import _paramiko, progress
 from flexai_provisioner.errors import WorkspaceTooLargeError
 from flexai_provisioner.workspace import MB, state_path
 
@@ -62,14 +62,21 @@ def outputs(nb: nbformat.NotebookNode) -> list[str]:
     return ["".join(o.get("text", "") for o in cell.outputs).strip() for cell in nb.cells]
 
 
+@pytest.mark.parametrize("public", [False, True], ids=["internals", "public-api"])
 async def test_notebook_reads_relative_paths_and_its_output_comes_back(
-    emulator, kernelspecs, project
+    emulator, kernelspecs, project, monkeypatch, public
 ):
+    monkeypatch.setattr(_paramiko, "PUBLIC_API_ONLY", public)  # SSH and SFTP alike
+    script = project / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    os.utime(script, (1_700_000_000, 1_700_000_000))
     nb = notebook(
         "import os; print(os.getcwd())",
         "print(open('data/input.txt').read())",
         "print(sorted(os.listdir('.')))",
         "open('results.csv', 'w').write('a,b\\n1,2\\n')",
+        "st = os.stat('run.sh'); print(oct(st.st_mode & 0o777), int(st.st_mtime))",
     )
     before = set(progress.registry.kernel_ids())
     client = NotebookClient(
@@ -77,16 +84,17 @@ async def test_notebook_reads_relative_paths_and_its_output_comes_back(
     )
     await client.async_execute()  # and shuts the kernel down
     (kernel_id,) = set(progress.registry.kernel_ids()) - before
-    cwd, text, listing, _ = outputs(nb)
+    cwd, text, listing, _, script_stat = outputs(nb)
     assert cwd.endswith("/flexai-workspace/sub")
     assert Path(cwd) != project  # the instance's own directory, not the local folder
     assert text == "forty-two"
-    assert listing == str(["data", "notes.txt"])  # no .git, no __pycache__
+    assert listing == str(["data", "notes.txt", "run.sh"])  # no .git, no __pycache__
+    assert script_stat == "0o755 1700000000"  # its mode and time came along
     assert (project / "results.csv").read_text() == "a,b\n1,2\n"
     assert not list(project.rglob("*.flexai-part"))  # no temporary file left behind
     phases = progress.history(kernel_id)
     upload = next(p for p in phases if p.phase == "uploading files")
-    assert upload.message == "0.0 MB in 2 files"
+    assert upload.message == "0.0 MB in 3 files"
     assert not state_path(kernel_id).exists()  # the manifest went with the kernel
 
 

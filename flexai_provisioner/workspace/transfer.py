@@ -18,8 +18,9 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from .. import sftp as sftp_batch
 from ..errors import SSHError, WorkspaceError
-from ..ssh import SFTPBatch, SFTPClient, SSHConnection, errors_mapped
+from ..ssh import SFTPClient, SSHConnection, errors_mapped
 from .folder import PART_SUFFIX, Rules, Stamp, local_stamp, stamp_of
 
 REMOTE_ROOT = "flexai-workspace"  # under the instance's $HOME
@@ -114,7 +115,7 @@ def send(
     """Copy the files ``todo`` of ``local_dir`` into ``remote_dir`` (whose folders ``dirs``
     are); return the stamps, both sides', of those the instance confirmed. Once ``cancel`` is
     set, no further file is started."""
-    batch, copied = SFTPBatch(sftp), {}
+    batch, copied = sftp_batch.batch(sftp), {}
     opened: deque[tuple[str, int]] = deque()  # files asked open, not yet written
     for rel in todo:
         if cancel is not None and cancel.is_set():
@@ -128,7 +129,9 @@ def send(
     return copied
 
 
-def _create(sftp: SFTPClient, batch: SFTPBatch, remote_dir: str, rel: str, dirs: set[str]) -> int:
+def _create(
+    sftp: SFTPClient, batch: sftp_batch.Batch, remote_dir: str, rel: str, dirs: set[str]
+) -> int:
     """Ask the instance to create ``rel``'s temporary copy (and its folders)."""
     parent = rel.rpartition("/")[0]
     if parent not in dirs:
@@ -143,7 +146,7 @@ def _create(sftp: SFTPClient, batch: SFTPBatch, remote_dir: str, rel: str, dirs:
 
 
 def _put(
-    batch: SFTPBatch, local_dir: Path, remote_dir: str, rel: str, ticket: int
+    batch: sftp_batch.Batch, local_dir: Path, remote_dir: str, rel: str, ticket: int
 ) -> dict[str, dict[str, Stamp]]:
     """Write one file's copy, then rename it into place (confirmed by ``batch.finish()``)."""
     handle = batch.handle(ticket)
