@@ -188,8 +188,10 @@ class _SinkTransport(paramiko.Transport):
         with self.lock:
             ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            with contextlib.suppress(Exception):  # else a channel opened now tells why
+            try:
                 return ahead.result(kwargs.get("timeout"))
+            except Exception:  # a channel opened now tells why; the late one is closed
+                ahead.add_done_callback(lambda f: f.exception() or f.result().close())
         return super().open_session(*args, **kwargs)
 
 
