@@ -49,10 +49,7 @@ class KernelKey:
         if self.file is not None:
             return None
         path = Path(jupyter_runtime_dir()) / f"flexai-{kernel_id}.key"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.pair.private_openssh)
+        write_key_file(path, self.pair)
         self.file, self._kept = str(path), True
         return self.file
 
@@ -61,3 +58,17 @@ class KernelKey:
         if self._kept and self.file is not None:
             Path(self.file).unlink(missing_ok=True)
             self.file, self._kept = None, False
+
+
+def write_key_file(path: Path, pair: KeyPair) -> None:
+    """Write ``pair``'s private half to ``path``, created anew with mode 0600 (a file left
+    there could have a wider mode); a half-written file is removed. Raises ``OSError``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pair.private_openssh)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise

@@ -21,7 +21,6 @@ keeps its fingerprint, and only a kernel configured with that same key adopts th
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from .errors import FlexAIError, ParkedInstanceError, PlatformError, SSHError
 from .gpu_platform import Instance, InstanceState, Platform
-from .kernel_key import KernelKey
+from .kernel_key import KernelKey, write_key_file
 from .ledger import Entry, Ledger
 from .reaper import delete_entry
 from .rfc3339 import format_time
@@ -221,13 +220,8 @@ def _labels(labels: dict[str, str]) -> str:
 
 def _write_key(key: KeyPair, instance_id: str) -> Path:
     path = key_path(instance_id)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        path.unlink(missing_ok=True)  # a file left there could have a wider mode
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_openssh)
+        write_key_file(path, key)
     except OSError as e:
-        path.unlink(missing_ok=True)
         raise SSHError(f"cannot keep the parked instance's key in {path}: {e}") from None
     return path
