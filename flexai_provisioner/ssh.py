@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import io
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -248,7 +249,14 @@ class SSHConnection:
         # Blocking reads: no wake-up every 0.1 s per idle transport. That also silences
         # paramiko's own keepalives (sent from read timeouts); a dead link is found by TCP
         # keepalives with TCP_USER_TIMEOUT (_tune_socket) and by the session's agent pings.
-        sock.settimeout(None)
+        try:
+            # The fd first: CPython's settimeout marks the socket blocking before the fd is,
+            # and a read by the transport's thread in between fails with EAGAIN, ending it.
+            os.set_blocking(sock.fileno(), True)
+            sock.settimeout(None)
+        except OSError as e:  # the transport's thread closed it: the link died meanwhile
+            transport.close()
+            raise SSHError(f"the SSH link to {self._where} closed right after the login") from e
         self._transport = transport
 
     def _handshake(self, transport: paramiko.Transport) -> None:
