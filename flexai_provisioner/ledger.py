@@ -318,18 +318,20 @@ class Ledger:
         rows = [e for e in self.live(api_url) if e.parked_until is not None]
         return sorted(rows, key=lambda e: -(e.parked_until or 0))
 
-    def claim(self, request_key: str, kernel_id: str | None = None) -> bool:
+    def claim(self, request_key: str, kernel_id: str | None = None, lasting: float = 0.0) -> bool:
         """Take a parked row for this process (to adopt or delete its instance): False if it
-        is not parked any more. One conditional update, which SQLite's write lock makes
-        atomic: of processes claiming the same row at once, exactly one gets it."""
+        is not parked any more, or (``lasting``, epoch seconds) its keep-alive ends sooner. One
+        conditional update, which SQLite's write lock makes atomic: of processes claiming the
+        same row at once, exactly one gets it. The expiry is checked in the same update, as
+        the lock may have been waited for since the row was read."""
         query = (
             f"UPDATE instances SET parked_until = NULL, {_OWNER_IS_THIS_PROCESS},"
-            " kernel_id = COALESCE(?, kernel_id)"
-            " WHERE request_key = ? AND parked_until IS NOT NULL AND deleted_at IS NULL"
+            " kernel_id = COALESCE(?, kernel_id) WHERE request_key = ?"
+            " AND parked_until >= ? AND deleted_at IS NULL"
         )
         try:
             with self._db() as db:
-                cursor = db.execute(query, (*_this_process(), kernel_id, request_key))
+                cursor = db.execute(query, (*_this_process(), kernel_id, request_key, lasting))
                 return cursor.rowcount == 1
         except sqlite3.Error as e:
             raise self._error(e) from None

@@ -124,8 +124,8 @@ def claim(
                 continue
         elif entry.key_file is None:
             continue
-        if not ledger.claim(entry.request_key, kernel_id):
-            continue  # another start took it first
+        if not ledger.claim(entry.request_key, kernel_id, time.time() + ADOPT_MARGIN):
+            continue  # another start or `gc` took it first, or it is about to expire
         if own_key is not None:
             return Parked(entry, own_key)
         assert entry.key_file is not None

@@ -406,3 +406,17 @@ def test_the_server_lists_parked_instances_and_stop_deletes_them(
         "instances": [],
         "parked": [],
     }
+
+
+def test_a_claim_checks_the_keep_alive_left_in_the_same_update(flexai_env):
+    """A start that read the row while it had time left and claims it after waiting for the
+    ledger's lock must not get an instance the platform is deleting meanwhile."""
+    ledger = Ledger()
+    ledger.record_request("req-1", "http://api", "kernel-1", "A100")
+    ledger.record_instance("req-1", "inst-1")
+    ledger.park("req-1", time.time() + 3, 1, None, "SHA256:x", "{}")
+    assert not ledger.claim("req-1", "kernel-2", time.time() + 5)
+    (row,) = ledger.parked("http://api")
+    assert row.kernel_id == "kernel-1", "still parked, untouched"
+    assert ledger.claim("req-1", "kernel-2", time.time())
+    assert ledger.parked("http://api") == []
