@@ -3,7 +3,8 @@
 Every setting and its default is declared once, as a trait of
 :class:`~flexai_provisioner.provisioner.FlexAIProvisioner`. :class:`SessionSettings` is the
 part of them a kernel's :class:`~flexai_provisioner.session.InstanceSession` needs, read from a
-provisioner or, for the launcher (which reads no Jupyter config), from the traits' defaults.
+provisioner (the launcher makes one of its kernelspec's provisioner config, reading no Jupyter
+config) or from the traits' defaults.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class SessionSettings:
     reconnect_timeout: float
     delete_timeout: float
     instance_ttl: int
+    keep_alive: int
     remote_python: str
     labels: dict[str, str]
     workspace: bool

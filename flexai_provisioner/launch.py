@@ -13,13 +13,19 @@ provisioner replaces ``argv`` with ipykernel on the instance.
 Towards the frontend it behaves like a local kernel process:
 
 - SIGINT interrupts the kernel (``interrupt_mode: signal``);
-- the kernel's exit (after a ``shutdown_request``, a crash) deletes the instance, then ends
-  this process with the kernel's status;
+- the kernel's exit ends this process with the kernel's status, after deleting the instance;
+  a clean exit (status 0, as after a ``shutdown_request``) parks a healthy one instead if the
+  kernelspec sets ``keep_alive``, exactly as the provisioner's shutdown does;
 - SIGTERM, SIGHUP or the frontend's death (this process's parent changes) delete the
   instance, then end this process.
 
 A SIGKILL leaves the instance to ``jupyter flexai gc`` (the ledger names this process as its
 owner) and to the platform's time-to-live.
+
+The settings are the provisioner's: those of the kernelspec the connection file names
+(``kernel_name``, which jupyter_client and VS Code write) in its provisioner config, checked
+as the provisioner checks them, else the traits' defaults; ``--no-workspace`` and
+``--workspace-max-mb`` in ``argv`` win.
 """
 
 from __future__ import annotations
@@ -35,15 +41,19 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from traitlets import TraitError
+
 from . import executor, progress
 from .client import FlexAIClient
-from .config import SessionSettings, check_gpu_count, check_positive
+from .config import SessionSettings, check_gpu_count, check_positive, check_provisioner_config
 from .errors import ConfigurationError, FlexAIError
 from .kernel_key import KernelKey
-from .kernelspecs import ipykernel_argv, kernel_name
+from .kernelspecs import LAUNCHER_MODULE, PROVISIONER_NAME, ipykernel_argv, kernel_name
 from .ledger import Ledger
 from .provisioner import FlexAIProvisioner
 from .reaper import reap_and_report
@@ -124,6 +134,7 @@ class Launcher:
         key = KernelKey.for_kernel(self.kernel_id)
         session = InstanceSession(platform, ledger, platform.api_url, key, self.settings, log)
         self.session = session
+        keep_alive = 0  # parked only after a clean exit: every other end deletes
         try:
             # At once, before minutes of provisioning: the frontend may check that the
             # kernel listens, and no other process can take the ports meanwhile.
@@ -131,9 +142,12 @@ class Launcher:
             worker = threading.Thread(target=self._start, name="flexai-launch", daemon=True)
             worker.start()
             status = self._serve(parent)
+            if status == 0:  # the kernel exited by itself, cleanly
+                keep_alive = self.settings.keep_alive
         finally:
-            session.teardown()
-            progress.report_shutdown(log, self.kernel_id, session.instance)
+            parked = session.teardown(keep_alive)
+            note = f"parked for {keep_alive} s for the next kernel (keep_alive)" if parked else ""
+            progress.report_shutdown(log, self.kernel_id, session.instance, note)
         return status
 
     def _start(self) -> None:
@@ -192,6 +206,31 @@ class Launcher:
         log.info("FlexAI kernel %s: %s", self.kernel_id, text)
 
 
+def kernelspec_settings(name: object, gpu_type: str) -> SessionSettings:
+    """The settings in the provisioner config of kernelspec ``name`` (the connection file's
+    ``kernel_name``), checked as the provisioner checks them; the traits' defaults if it names
+    no kernelspec that runs this launcher, so a warm start (``keep_alive``), its ``labels``
+    and its time-to-live are the same whichever frontend runs the kernel."""
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name) if isinstance(name, str) else None
+    except NoSuchKernel:
+        spec = None
+    provisioner = (spec.metadata if spec else {}).get("kernel_provisioner", {})
+    if (
+        spec is None
+        or provisioner.get("provisioner_name") != PROVISIONER_NAME
+        or list(spec.argv[1:3]) != ["-m", LAUNCHER_MODULE]
+    ):
+        return SessionSettings.defaults(FlexAIProvisioner)
+    config = {"gpu_type": gpu_type, **provisioner.get("config", {})}
+    try:
+        configured = FlexAIProvisioner(kernel_id="", kernel_spec=spec, parent=None, **config)
+    except TraitError as e:
+        raise ConfigurationError(f"kernelspec {spec.display_name!r}: {e}") from None
+    check_provisioner_config(configured)
+    return SessionSettings.of(configured)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -214,15 +253,16 @@ def _parser() -> argparse.ArgumentParser:
         "--no-workspace",
         dest="workspace",
         action="store_false",
+        default=None,
         help="start the kernel in the instance's home directory instead of a copy of this "
         "one (the provisioner's workspace = False)",
     )
     parser.add_argument(
         "--workspace-max-mb",
         type=float,
-        default=FlexAIProvisioner.workspace_max_mb.default_value,
         metavar="MB",
-        help="refuse to copy a directory holding more (default: %(default)g)",
+        help="refuse to copy a directory holding more (default: the kernelspec's "
+        f"workspace_max_mb, else {FlexAIProvisioner.workspace_max_mb.default_value:g})",
     )
     return parser
 
@@ -239,10 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         kernel_name(args.gpu)
         check_gpu_count(args.gpu_count)
         connection = read_connection_file(args.connection_file)
-        check_positive("--workspace-max-mb", args.workspace_max_mb, "MB")
-        settings = SessionSettings.defaults(
-            FlexAIProvisioner, workspace=args.workspace, workspace_max_mb=args.workspace_max_mb
-        )
+        flags = {"workspace": args.workspace, "workspace_max_mb": args.workspace_max_mb}
+        if args.workspace_max_mb is not None:
+            check_positive("--workspace-max-mb", args.workspace_max_mb, "MB")
+        settings = kernelspec_settings(connection.get("kernel_name"), args.gpu)
+        settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
         launcher = Launcher(args.gpu, args.gpu_count, connection, settings)
         return launcher.run()
     except FlexAIError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import until, until_async
+from test_launch import Frontend
+from test_launch import run as run_code
 from test_lifecycle import JUPYTER_FLEXAI
 
 from flexai_provisioner.client import FlexAIClient
@@ -359,6 +362,72 @@ def test_the_ledger_gives_a_parked_row_to_one_claimant_only(flexai_env, tmp_path
     (row,) = ledger.live("http://api")
     assert row.parked_until is None
     assert row.kernel_id == f"kernel-{outputs.index('True')}"
+
+
+# -- the argv launcher (VS Code, emacs-jupyter) ------------------------------------------
+
+
+def launcher(kernelspecs, name: str, directory: Path) -> Frontend:
+    """What a raw-kernel frontend runs for kernelspec ``name``: its argv, a connection file
+    naming it (as jupyter_client and VS Code write ``kernel_name``)."""
+    directory.mkdir()
+    spec = json.loads((kernelspecs.root / "kernels" / name / "kernel.json").read_text())
+    fe = Frontend(spec["argv"], directory)
+    info = json.loads(fe.connection_file.read_text())
+    fe.connection_file.write_text(json.dumps({**info, "kernel_name": name}))
+    return fe
+
+
+def test_the_argv_launcher_parks_at_a_clean_exit_and_deletes_at_a_signal(emulator, warm, tmp_path):
+    one = launcher(warm, WARM, tmp_path / "one")
+    try:
+        one.start()
+        _, out = run_code(one.client(), "import os; print(os.environ['FLEXAI_INSTANCE_ID'])")
+        instance_id = out.strip()
+        one.clients[0].shutdown()
+        assert one.wait() == 0, one.stderr()
+    finally:
+        one.stop()
+    assert f"parked for {KEEP_ALIVE} s" in one.stderr()
+    assert emulator.live_instances() == [instance_id]
+    assert set(parked_rows(emulator.url)) == {instance_id}
+    with client() as c:
+        assert c.get_instance(instance_id).ttl_seconds == KEEP_ALIVE
+
+    # The next launcher of that kernelspec adopts it; a stop signal deletes it, keep_alive
+    # or not, as a signal to a Jupyter server does.
+    two = launcher(warm, WARM, tmp_path / "two")
+    try:
+        proc = two.start()
+        _, out = run_code(two.client(), "import os; print(os.environ['FLEXAI_INSTANCE_ID'])")
+        assert out.strip() == instance_id
+        assert f"parked instance {instance_id}" in two.stderr()
+        proc.send_signal(signal.SIGTERM)
+        assert two.wait() == 128 + signal.SIGTERM
+    finally:
+        two.stop()
+    assert emulator.live_instances() == [] and parked_rows(emulator.url) == {}
+
+
+def test_the_argv_launcher_deletes_after_a_crash_even_with_keep_alive(emulator, warm, tmp_path):
+    fe = launcher(warm, WARM, tmp_path / "nb")
+    try:
+        fe.start()
+        fe.client().execute("import os; os._exit(3)")
+        assert fe.wait() == 3, fe.stderr()
+    finally:
+        fe.stop()
+    assert "parked" not in fe.stderr()
+    assert emulator.live_instances() == [] and parked_rows(emulator.url) == {}
+
+
+def test_the_argv_launcher_refuses_a_bad_keep_alive_in_its_kernelspec(emulator, warm, tmp_path):
+    warm.add("flexai-bad-warm", {"keep_alive": "long"})
+    fe = launcher(warm, "flexai-bad-warm", tmp_path / "nb")
+    fe.start()
+    assert fe.wait() == 1
+    assert "kernelspec 'FlexAI A100'" in fe.stderr() and "keep_alive" in fe.stderr()
+    assert emulator.live_instances() == []
 
 
 # -- the server extension ----------------------------------------------------------------
