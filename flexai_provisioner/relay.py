@@ -20,7 +20,7 @@ from collections.abc import Callable
 import paramiko
 
 from . import executor
-from .ssh import close_quietly, consumed, grant, set_sink
+from .ssh import close_quietly, consumed, grant, send_data, set_sink
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Forwarder:
     def _flush_to_chan(self, pipe: Pipe) -> None:
         while pipe.to_chan:
             try:
-                sent = pipe.chan.send(pipe.to_chan)
+                sent = send_data(pipe.chan, pipe.to_chan)
             except TimeoutError:
                 sent = 0
             except (OSError, EOFError):

@@ -22,7 +22,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ._paramiko import consumed, grant, new_transport, session_started, set_sink
+from ._paramiko import consumed, grant, new_transport, send_data, session_started, set_sink
 from .errors import (
     FlexAIError,
     HostKeyMismatchError,
@@ -51,6 +51,7 @@ __all__ = [
     "grant",
     "load_private_key",
     "open_forward",
+    "send_data",
     "set_sink",
 ]
 

@@ -1,12 +1,17 @@
-"""The SSH login against a real sshd (an emulator instance), on both of ``_paramiko``'s paths.
+"""The SSH login and channel data out against a real sshd (an emulator instance), on both of
+``_paramiko``'s paths.
 
 With paramiko's internals, the service request, the userauth request and the first
 command's session channel go out in one flight (two round trips fewer than paramiko's
-own way); with its public API only, each waits for the answer before.
+own way); with its public API only, each waits for the answer before. Channel data out is
+encrypted by our own AES-GCM fast path (``_packetizer``) or by paramiko's: sshd accepting
+it, and a hash of what it passed on, checks the bytes on the wire.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,6 +20,7 @@ import paramiko
 import pytest
 from conftest import running_instance
 from paramiko.common import (
+    MSG_CHANNEL_DATA,
     MSG_CHANNEL_OPEN,
     MSG_SERVICE_ACCEPT,
     MSG_SERVICE_REQUEST,
@@ -22,10 +28,10 @@ from paramiko.common import (
     MSG_USERAUTH_SUCCESS,
 )
 
-from flexai_provisioner import _paramiko
+from flexai_provisioner import _packetizer, _paramiko
 from flexai_provisioner.errors import SSHAuthenticationError, SSHError
 from flexai_provisioner.gpu_platform import SSHEndpoint
-from flexai_provisioner.ssh import KeyPair, connect, generate_keypair
+from flexai_provisioner.ssh import KeyPair, SSHConnection, connect, generate_keypair, send_data
 
 WATCHED = {
     MSG_SERVICE_REQUEST: "service request",
@@ -150,3 +156,93 @@ def test_a_link_lost_during_the_login_is_not_called_a_refused_key(instance, publ
     with pytest.raises(SSHError, match="closed during the login") as caught:
         connect(endpoint, key, connect_timeout=10)
     assert not isinstance(caught.value, SSHAuthenticationError)
+
+
+@pytest.fixture
+def link(emulator, api_key, public) -> Iterator[SSHConnection]:
+    """A connection to a fresh instance (no added latency), on the path ``public`` chose."""
+    key = generate_keypair()
+    with running_instance(emulator, api_key, key.public_openssh) as endpoint:
+        conn = connect(endpoint, key, connect_timeout=10)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def data_out(monkeypatch) -> dict[str, int]:
+    """Channel data packets sent, by whose encryption: ours (fast) or paramiko's."""
+    count = {"fast": 0, "paramiko": 0}
+    send, fast = paramiko.Packetizer.send_message, _packetizer.Packetizer._send_fast
+
+    def send_message(self, data):
+        count["paramiko"] += data.asbytes()[0] == MSG_CHANNEL_DATA
+        return send(self, data)
+
+    def send_fast(self, *args):
+        count["fast"] += (sent := fast(self, *args))
+        return sent
+
+    monkeypatch.setattr(paramiko.Packetizer, "send_message", send_message)
+    monkeypatch.setattr(_packetizer.Packetizer, "_send_fast", send_fast)
+    return count
+
+
+def hashed_remotely(conn: SSHConnection, payload: bytes, chunk: int) -> tuple[bytes, list[int]]:
+    """``payload`` sent by ``send_data`` in pieces of ``chunk`` bytes to ``sha256sum`` on the
+    instance, which reads nothing for its first second (the window runs out meanwhile): the
+    digest it printed, and what each send took."""
+    chan = conn.exec("sleep 1; sha256sum")
+    try:
+        chan.settimeout(60)
+        view, sent, takes = memoryview(payload), 0, []
+        while sent < len(payload):
+            takes.append(send_data(chan, view[sent : sent + chunk]))
+            sent += takes[-1]
+        chan.shutdown_write()
+        out = b""
+        while data := chan.recv(4096):
+            out += data
+        assert chan.recv_exit_status() == 0
+        return bytes.fromhex(out.split()[0].decode()), takes
+    finally:
+        chan.close()
+
+
+def test_channel_data_out_reaches_the_instance_intact_on_either_path(link, public, data_out):
+    """Pieces larger than the largest packet and than the window left: partial sends."""
+    payload = os.urandom(8 * 1024 * 1024 + 12345)
+    chunk = 100 * 1024 + 7
+    digest, takes = hashed_remotely(link, payload, chunk)
+    assert digest == hashlib.sha256(payload).digest()
+    assert min(takes) > 0
+    largest = link.transport.open_session().out_max_packet_size - 64
+    assert any(t < min(chunk, largest) for t in takes[:-1]), "no send was cut by the window"
+    if public:
+        assert data_out == {"fast": 0, "paramiko": len(takes)}
+    else:
+        assert link.transport.local_cipher == "aes128-gcm@openssh.com"
+        assert data_out == {"fast": len(takes), "paramiko": 0}
+
+
+def test_key_exchanges_in_the_middle_of_channel_data_out_lose_nothing(link, public, data_out):
+    """A rekey asked for after each MiB sent: the packet that asks goes paramiko's way, the
+    others ours, and sshd takes them all under the keys of their turn."""
+    packetizer = link.transport.packetizer
+    keys: list[object] = []
+    set_outbound_cipher = packetizer.set_outbound_cipher
+    packetizer.REKEY_BYTES = 1024 * 1024  # an instance attribute: this connection's only
+    packetizer.set_outbound_cipher = lambda *a, **kw: (
+        keys.append(a),
+        set_outbound_cipher(*a, **kw),
+    )
+    payload = os.urandom(16 * 1024 * 1024)
+    digest, takes = hashed_remotely(link, payload, 64 * 1024)
+    assert digest == hashlib.sha256(payload).digest()
+    assert len(keys) >= 3, f"{len(keys)} key exchanges for 16 MiB"
+    assert data_out["fast"] + data_out["paramiko"] == len(takes)
+    if public:
+        assert data_out["fast"] == 0
+    else:
+        assert data_out["paramiko"] >= len(keys) - 1 and data_out["fast"] > len(takes) // 2
