@@ -1,4 +1,5 @@
-"""Every use of paramiko's private parts, in one place (``ssh.py`` is the only importer).
+"""Every use of paramiko's private parts, here and in the packetizer it uses (``_packetizer.py``);
+``ssh.py`` and ``sftp.py`` are the only importers.
 
 They make output, uploads and logins fast; a paramiko release changing them would fail silently,
 so paramiko is pinned below 6 and the tests also run with :data:`PUBLIC_API_ONLY`."""
