@@ -146,7 +146,7 @@ class Launcher:
                 keep_alive = self.settings.keep_alive
         finally:
             parked = session.teardown(keep_alive)
-            note = f"parked for {keep_alive} s for the next kernel (keep_alive)" if parked else ""
+            note = f"parked for {parked} s for the next kernel (keep_alive)" if parked else ""
             progress.report_shutdown(log, self.kernel_id, session.instance, note)
         return status
 

@@ -11,6 +11,8 @@ machine, in any process, *claims* the row (one conditional update under the ledg
 lock, so two starts never adopt the same instance), restores the lease to ``instance_ttl``,
 connects with the key the row names, clears the previous kernel's workspace and starts a fresh
 kernel. A parked instance that is gone or unreachable is deleted, and a new one provisioned.
+A start cancelled while it adopts (before the workspace is cleared) parks the instance again
+as it was, its lease cut back to the keep-alive left, unless too little is (then it deletes it).
 
 The key: a per-kernel key is kept for the adopter in a 0600 file of Jupyter's runtime
 directory, named in the row and removed with the instance (by its adopter once it has the
@@ -21,6 +23,7 @@ keeps its fingerprint, and only a kernel configured with that same key adopts th
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import time
 from dataclasses import dataclass
@@ -71,15 +74,17 @@ def park(
     keep_alive: int,
     key: KernelKey,
     labels: dict[str, str],
-) -> None:
+    log: logging.Logger,
+) -> int:
     """Park ``instance``: the platform's lease first (so it expires without us), then the key
-    file (not for the user's own key, which is never copied), then the ledger row. Raises
-    :class:`FlexAIError` if a step fails (the caller deletes the instance instead); a key file
-    written for it is removed then."""
+    file (not for the user's own key, which is never copied), then the ledger row. The
+    seconds it is parked for; 0, with a warning, if a step fails (the caller deletes the
+    instance instead; a key file written for it is removed)."""
     until = time.time() + keep_alive
-    platform.set_ttl(instance.id, keep_alive)
-    path = None if key.own else _write_key(key.pair, instance.id)
+    path = None
     try:
+        platform.set_ttl(instance.id, keep_alive)
+        path = None if key.own else _write_key(key.pair, instance.id)
         ledger.park(
             request_key,
             until,
@@ -88,10 +93,51 @@ def park(
             fingerprint(key.pair.private_key),
             _labels(labels),
         )
-    except FlexAIError:
+    except FlexAIError as e:
         if path is not None:
             path.unlink(missing_ok=True)
-        raise
+        log.warning("could not park FlexAI instance %s (%s): deleting it", instance.id, e)
+        return 0
+    log.info(
+        "FlexAI instance %s parked for %d s (keep_alive): the next kernel of its kind on this "
+        "machine adopts it, else the platform deletes it",
+        instance.id,
+        keep_alive,
+    )
+    return keep_alive
+
+
+def give_back(
+    platform: Platform, ledger: Ledger, parked: Parked, revived: bool, log: logging.Logger
+) -> int:
+    """Park again, as it was, an instance whose adoption was cancelled (the cancel was of a
+    start, not of the instance): its lease cut back to the keep-alive left if ``revived``
+    restored it, its kept key left in place, its row parked again last (from then on another
+    start may take it). The seconds it is parked for; 0 if too little is left, its key was
+    unreadable or a step failed (the caller, still its owner, deletes it then)."""
+    until = parked.entry.parked_until or 0.0
+    left = int(until - time.time())
+    if parked.key is None or left < ADOPT_MARGIN:
+        return 0
+    entry = parked.entry
+    try:
+        if revived:
+            platform.set_ttl(parked.instance_id, left)
+        fp = entry.key_fingerprint or ""
+        ledger.park(
+            entry.request_key, until, entry.gpu_count or 1, entry.key_file, fp, entry.labels or "{}"
+        )
+    except FlexAIError as e:
+        log.warning(
+            "could not park FlexAI instance %s again (%s): deleting it", parked.instance_id, e
+        )
+        return 0
+    log.info(
+        "FlexAI parked instance %s: its adoption was cancelled, parked again for %d s",
+        parked.instance_id,
+        left,
+    )
+    return left
 
 
 def claim(

@@ -277,17 +277,17 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         cancelled = reason is not None and isinstance(error, Exception)
         if cancelled:
             error = StartCancelledError(
-                f"the start of kernel {self.kernel_id} was cancelled ({reason}); "
-                "its instance is deleted"
+                f"the start of kernel {self.kernel_id} was cancelled ({reason})"
             )
         if self._start_phase is not None and isinstance(error, Exception):
             # The error reaches the frontend that asked for the kernel only as the HTTP error
             # of its session request; the event names the notebook it was for.
             self._start_phase("failed", str(error))
             self._start_phase = None
-        await self._teardown()
+        parked = await self._teardown()
         if cancelled:
-            raise error from None
+            fate = "its instance is parked again" if parked else "its instance is deleted"
+            raise StartCancelledError(f"{error}; {fate}") from None
 
     # -- running -------------------------------------------------------------------------
 
@@ -375,20 +375,21 @@ class FlexAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         else:
             await self._teardown(self.keep_alive)
 
-    async def _teardown(self, keep_alive: int = 0) -> None:
-        """Delete the instance (with ``keep_alive``, a clean shutdown: park it)."""
+    async def _teardown(self, keep_alive: int = 0) -> int:
+        """Delete the instance (with ``keep_alive``, a clean shutdown: park it); seconds parked."""
         session, self._session = self._session, None
         if session is None:
             self._not_starting()
-            return
+            return 0
         session.cancel()  # let a blocked wait or reconnect return promptly
         deleted = asyncio.ensure_future(asyncio.to_thread(session.teardown, keep_alive))
         # A start is over once its instance is deleted, even if our caller stops waiting.
         deleted.add_done_callback(lambda _: self._not_starting())
         # Shielded: a second cancellation must not abandon a half-deleted instance.
         parked = await asyncio.shield(deleted)
-        note = f"parked for {keep_alive} s for the next kernel (keep_alive)" if parked else ""
+        note = f"parked for {parked} s for the next kernel (keep_alive)" if parked else ""
         progress.report_shutdown(self.log, self.kernel_id, session.instance, note)
+        return parked
 
     def _not_starting(self) -> None:
         if _first_starts.get(self.kernel_id) is self:

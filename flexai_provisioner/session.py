@@ -31,6 +31,7 @@ from .errors import (
     PlatformError,
     ProvisioningError,
     SSHError,
+    StartCancelledError,
     WorkspaceError,
 )
 from .gpu_platform import Instance, InstanceState, Platform, wait_running
@@ -66,6 +67,7 @@ class InstanceSession(KernelLink):
         self._launched = False  # a kernel ran here, so its workspace may hold results
         self.workspace: Workspace | None = None  # the kernel's folder, mirrored on the instance
         self._next_heartbeat = 0.0
+        self._adopting: parking.Parked | None = None  # claimed, its adoption under way
 
     @classmethod
     def from_provisioner_info(
@@ -185,15 +187,19 @@ class InstanceSession(KernelLink):
         """Take over a parked instance of this kind (:mod:`.parking`) instead of provisioning:
         restore its lease, connect with its key, clear the previous kernel's files. False if
         there is none, or the one claimed is gone or unreachable (then it is deleted, and this
-        session provisions as if none had been found)."""
+        session provisions as if none had been found). Each step runs under the start-step
+        lock, so a teardown meanwhile (which parks it again) never meets a step half done."""
         own = self.key.pair if self.key.own else None
-        parked = parking.claim(
-            self.ledger, self.api_url, gpu_type, gpu_count, kernel_id, own, self.settings.labels
-        )
-        if parked is None:
-            return False
-        fresh, self.request_key = self.key, parked.entry.request_key
-        exit_cleanup.register(self)
+        with self._start_step:  # a claim after a teardown would be nobody's
+            self._check_cancelled()
+            parked = parking.claim(
+                self.ledger, self.api_url, gpu_type, gpu_count, kernel_id, own, self.settings.labels
+            )
+            if parked is None:
+                return False
+            self._adopting = parked
+            fresh, self.request_key = self.key, parked.entry.request_key
+            exit_cleanup.register(self)
         try:
             with self._start_step:
                 self._check_cancelled()
@@ -203,9 +209,16 @@ class InstanceSession(KernelLink):
                     self.key = KernelKey(parked.key)
                 supervisor.watch(self)
             self.connect(lambda name, _="": phase(name, f"parked instance {parked.instance_id}"))
-            assert self.conn is not None
-            parking.clear_workspace(self.conn, self.settings.ssh_connect_timeout)
+            with self._start_step:
+                self._check_cancelled()
+                assert self.conn is not None
+                parking.clear_workspace(self.conn, self.settings.ssh_connect_timeout)
+                self._adopting = None  # this kernel's now
         except (ParkedInstanceError, SSHError) as e:
+            with self._start_step:
+                if self._adopting is None:  # a teardown took it over meanwhile
+                    raise StartCancelledError("kernel start cancelled") from None
+                self._adopting = None
             self.log.warning(
                 "FlexAI parked instance %s cannot be adopted (%s): deleting it and "
                 "provisioning a new one",
@@ -213,10 +226,10 @@ class InstanceSession(KernelLink):
                 e,
             )
             self._drop_instance()
+            parking.release_key(parked)
             self.key, self.request_key = fresh, str(uuid.uuid4())
             return False
-        finally:
-            parking.release_key(parked)  # held in memory now, or of no use
+        parking.release_key(parked)  # held in memory now
         return True
 
     def _drop_instance(self) -> None:
@@ -350,30 +363,40 @@ class InstanceSession(KernelLink):
 
     # -- stop ----------------------------------------------------------------------------
 
-    def teardown(self, keep_alive: int = 0) -> bool:
+    def teardown(self, keep_alive: int = 0) -> int:
         """Delete the instance and release everything local. Safe to call more than once.
 
         If the platform fails to delete it, the deletion is owed: recorded in the ledger and
         retried by the supervisor until it succeeds (and by ``jupyter flexai gc``). With
         ``keep_alive`` (a clean shutdown), a healthy instance is parked for that many seconds
         instead (:mod:`.parking`), its kernel stopped; one that cannot be parked is deleted.
-        Whether it was parked.
+        A parked instance whose adoption was under way is parked again for what it had left.
+        The seconds it is parked for (0: deleted).
         """
         self._cancelled.set()
         with self._start_step:
             if self._closed:
-                return False
+                return 0
             self._closed = True
+            adopting, self._adopting = self._adopting, None
         park = keep_alive > 0 and self._launched and self.lost_reason is None and self.connected
+        parked = 0
         try:
             supervisor.unwatch(self)
             if park:
                 self.stop_kernel()  # no process of this kernel's may meet the next one
             self._save_results()
             self._close_link()
-            parked = park and self._park(keep_alive)
+            if adopting is not None:  # a start cancelled while adopting: park it again
+                revived = self.instance is not None
+                parked = parking.give_back(self.platform, self.ledger, adopting, revived, self.log)
+            elif park and self.instance is not None:
+                args = (self.request_key, self.instance, keep_alive, self.key, self.settings.labels)
+                parked = parking.park(self.platform, self.ledger, *args, self.log)
             if not parked:
                 self._delete_instance()
+                if adopting is not None:
+                    parking.release_key(adopting)
         finally:
             self.key.remove()  # the instance is gone, parked or its deletion owed
             exit_cleanup.unregister(self)
@@ -409,31 +432,6 @@ class InstanceSession(KernelLink):
             if fresh is not None:
                 fresh.close()
             workspace.forget()
-
-    def _park(self, keep_alive: int) -> bool:
-        assert self.instance is not None
-        try:
-            parking.park(
-                self.platform,
-                self.ledger,
-                self.request_key,
-                self.instance,
-                keep_alive,
-                self.key,
-                self.settings.labels,
-            )
-        except FlexAIError as e:
-            self.log.warning(
-                "could not park FlexAI instance %s (%s): deleting it", self.instance.id, e
-            )
-            return False
-        self.log.info(
-            "FlexAI instance %s parked for %d s (keep_alive): the next kernel of its kind on "
-            "this machine adopts it, else the platform deletes it",
-            self.instance.id,
-            keep_alive,
-        )
-        return True
 
     def _delete_instance(self) -> None:
         owed = OwedDeletion(

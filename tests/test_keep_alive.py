@@ -7,6 +7,8 @@ the suite's leak check still proves that nothing else is left.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -362,6 +364,46 @@ def test_the_ledger_gives_a_parked_row_to_one_claimant_only(flexai_env, tmp_path
     (row,) = ledger.live("http://api")
     assert row.parked_until is None
     assert row.kernel_id == f"kernel-{outputs.index('True')}"
+
+
+@pytest.mark.parametrize("stage", ["restoring its lease", "connecting"])
+async def test_a_start_cancelled_while_adopting_parks_the_instance_again(
+    emulator, warm, tmp_path, stage
+):
+    """The cancel was of that start, not of the healthy instance it was taking over."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    from flexai_provisioner.errors import StartCancelledError
+
+    if stage == "connecting":
+        emulator.update_faults(link_latency_ms=1)  # reached through the emulator's relay
+    one, _ = run(tmp_path / "nb")
+    instance_id = one["instance"]
+    before = parked_rows(emulator.url)[instance_id]
+    if stage == "connecting":
+        emulator.update_faults(link_latency_ms=300)  # the SSH login takes seconds
+    else:
+        emulator.update_faults(latency=1.0)  # so does the PATCH restoring the lease
+    km = AsyncKernelManager(kernel_name=WARM)
+    task = asyncio.ensure_future(km.start_kernel(cwd=str(tmp_path / "nb")))
+    try:
+        await until_async(lambda: not parked_rows(emulator.url), "the claim", 60)
+        assert km.provisioner.cancel_start("the user changed their mind")
+        with pytest.raises(StartCancelledError, match=r"changed their mind.*parked again"):
+            await task
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+    emulator.update_faults(latency=0.0, link_latency_ms=0.0)
+    assert emulator.live_instances() == [instance_id]
+    after = parked_rows(emulator.url)[instance_id]
+    assert after.parked_until == before.parked_until, "parked again for what it had left"
+    assert Path(after.key_file).exists(), "its key kept for the next adopter"
+    with client() as c:
+        assert c.get_instance(instance_id).ttl_seconds <= KEEP_ALIVE, "no lease of 900 s left"
+    two, log = run(tmp_path / "nb")
+    assert two["instance"] == instance_id, log
 
 
 # -- the argv launcher (VS Code, emacs-jupyter) ------------------------------------------
