@@ -8,6 +8,7 @@ the suite's leak check still proves that nothing else is left.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import until, until_async
 from test_launch import Frontend
 from test_launch import run as run_code
@@ -531,3 +533,27 @@ def test_a_claim_checks_the_keep_alive_left_in_the_same_update(flexai_env):
     assert row.kernel_id == "kernel-1", "still parked, untouched"
     assert ledger.claim("req-1", "kernel-2", time.time())
     assert ledger.parked("http://api") == []
+
+
+def test_the_servers_stop_on_an_instance_being_adopted_deletes_it(
+    emulator, warm, jupyter_server, tmp_path
+):
+    """A Stop is of the instance: unlike a shutdown of the starting kernel, it does not park
+    the instance again."""
+    emulator.update_faults(link_latency_ms=1)  # reached through the emulator's relay
+    one, _ = run(tmp_path / "nb")
+    instance_id = one["instance"]
+    emulator.update_faults(link_latency_ms=300)  # the adopter's SSH login takes seconds
+    server = jupyter_server()
+
+    def stop() -> requests.Response | None:  # a 404 until the start names its instance
+        answer = server.post(f"api/compute/instance/{instance_id}/stop")
+        return None if answer.status_code == 404 else answer
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = pool.submit(server.post, "api/kernels", json={"name": WARM})
+        until(lambda: not parked_rows(emulator.url), "the claim", 60)
+        stopped = until(stop, "the adopter to name the instance")
+        assert stopped.status_code == 200 and stopped.json()["state"] == "deleted", stopped.text
+        assert started.result().status_code >= 400
+    assert emulator.live_instances() == [] and parked_rows(emulator.url) == {}

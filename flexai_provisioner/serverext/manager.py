@@ -290,6 +290,10 @@ class ComputeManager:
             starts = [k for k, p in starting().items() if p.instance_id == instance_id]
             if starts and await self.cancel_start(starts[0], reason):
                 kernel_id = starts[0]
+                try:  # a start cancelled while adopting parks the instance again: delete it
+                    await asyncio.to_thread(discard, *args)
+                except FlexAIError as e:
+                    raise http_error(e) from None
                 break
             try:
                 kernel_id, _ = self.kernel_on(instance_id)
