@@ -21,6 +21,7 @@ from .credentials import credentials_path
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from .gpu_platform import Instance
     from .provisioner import FlexAIProvisioner
 
 MAX_GPU_COUNT = 8
@@ -103,6 +104,24 @@ def check_provisioner_config(provisioner: FlexAIProvisioner) -> None:
             )
 
 
+def limit_reached(max_hours: float, max_cost: float, instance: Instance) -> str | None:
+    """Why a kernel with these limits (0: none) may not run on ``instance`` any more, or None.
+    Its hours and cost count from its creation, as its bill does: an adopted instance's
+    earlier kernels and time parked count."""
+    cost, hours = instance.cost(), instance.uptime() / 3600
+    if max_cost and cost >= max_cost:
+        return (
+            f"instance {instance.id} has cost ${cost:.4f} at ${instance.price_per_hour:g}/h, "
+            f"reaching the kernel's max_cost of ${max_cost:g}"
+        )
+    if max_hours and hours >= max_hours:
+        return (
+            f"instance {instance.id} has run {hours:.4f} h, reaching the kernel's max_hours of "
+            f"{max_hours:g} h"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """What an instance session needs of the provisioner's traits, under the same names (see
@@ -116,6 +135,8 @@ class SessionSettings:
     delete_timeout: float
     instance_ttl: int
     keep_alive: int
+    max_hours: float
+    max_cost: float
     remote_python: str
     labels: dict[str, str]
     workspace: bool

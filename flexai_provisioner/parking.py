@@ -32,6 +32,7 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_runtime_dir
 
+from .config import SessionSettings, limit_reached
 from .errors import FlexAIError, ParkedInstanceError, PlatformError, SSHError
 from .gpu_platform import Instance, InstanceState, Platform
 from .kernel_key import KernelKey, write_key_file
@@ -182,20 +183,23 @@ def claim(
     return None
 
 
-def revive(platform: Platform, parked: Parked, instance_ttl: int | None) -> Instance:
-    """Check that the claimed instance still runs and restore its lease (heartbeats then
-    keep it); the instance. :class:`ParkedInstanceError` if it is gone, not running, or its
-    key was unreadable."""
+def revive(platform: Platform, parked: Parked, settings: SessionSettings) -> Instance:
+    """Check that the claimed instance still runs and restore its lease to ``instance_ttl``
+    (heartbeats then keep it); the instance. :class:`ParkedInstanceError` if it is gone, not
+    running, its key was unreadable, or it has reached the kernel's ``max_hours`` or
+    ``max_cost`` (which count from its creation: a kernel on it would be shut down at once)."""
     if parked.key is None:
         raise ParkedInstanceError(parked.problem)
     try:
-        instance = platform.set_ttl(parked.instance_id, instance_ttl)
+        instance = platform.set_ttl(parked.instance_id, settings.instance_ttl or None)
     except PlatformError as e:
         raise ParkedInstanceError(f"parked instance {parked.instance_id}: {e}") from None
     if instance.state is not InstanceState.RUNNING or instance.ssh is None:
         raise ParkedInstanceError(
             f"parked instance {parked.instance_id} is {instance.state.value}, not running"
         )
+    if reason := limit_reached(settings.max_hours, settings.max_cost, instance):
+        raise ParkedInstanceError(reason)
     return instance
 
 

@@ -203,8 +203,7 @@ class InstanceSession(KernelLink):
         try:
             with self._start_step:
                 self._check_cancelled()
-                ttl = self.settings.instance_ttl or None
-                self.instance = parking.revive(self.platform, parked, ttl)
+                self.instance = parking.revive(self.platform, parked, self.settings)
                 if not fresh.own and parked.key is not None:
                     self.key = KernelKey(parked.key)
                 supervisor.watch(self)

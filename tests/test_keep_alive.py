@@ -293,6 +293,18 @@ def test_a_parked_instance_gone_meanwhile_is_replaced_by_a_new_one(emulator, war
     assert set(parked_rows(emulator.url)) == {two["instance"]}
 
 
+def test_an_instance_past_the_kernels_max_hours_is_not_adopted(emulator, warm, tmp_path):
+    """Its hours count from its creation, as its bill does: a kernel adopting it would be shut
+    down at the server's next limit check."""
+    warm.add("flexai-warm-brief", {"keep_alive": KEEP_ALIVE, "max_hours": 0.0001})  # 0.36 s
+    one, _ = run(tmp_path / "nb", kernel="flexai-warm-brief")
+    two, log = run(tmp_path / "nb", kernel="flexai-warm-brief")
+    assert two["instance"] != one["instance"]
+    (said,) = [line for line in log.splitlines() if "cannot be adopted" in line]
+    assert one["instance"] in said and "reaching the kernel's max_hours of 0.0001 h" in said
+    assert emulator.live_instances() == [two["instance"]]
+
+
 def test_a_kernel_with_other_labels_does_not_adopt(emulator, warm, tmp_path):
     warm.add("flexai-team-b", {"keep_alive": KEEP_ALIVE, "labels": {"team": "b"}})
     one, _ = run(tmp_path / "nb")

@@ -14,6 +14,7 @@ from jupyter_core.utils import ensure_async
 
 from .. import __version__, progress
 from ..client import FlexAIClient
+from ..config import limit_reached
 from ..errors import ConfigurationError, FlexAIError, NotFoundError
 from ..gpu_platform import GPUType, Instance
 from ..kernelspecs import KERNEL_NAME_PREFIX, PROVISIONER_NAME
@@ -24,7 +25,6 @@ from .models import (
     ComputeError,
     http_error,
     instance_model,
-    limit_reached,
     progress_model,
     sync_model,
 )
@@ -384,7 +384,7 @@ class ComputeManager:
                     )
                     continue
                 self._instances[instance_id] = instance
-            reason = limit_reached(provisioner, instance)
+            reason = limit_reached(provisioner.max_hours, provisioner.max_cost, instance)
             if reason is None or kernel_id in self._stopping:
                 continue
             progress.report_instance(self.log, kernel_id, "limit reached", instance, reason)

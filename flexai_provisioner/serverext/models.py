@@ -169,19 +169,3 @@ def sync_model(
         "failed": [{"path": rel, "message": why} for rel, why in report.failed],
         "bytes": report.nbytes,
     }
-
-
-def limit_reached(provisioner: FlexAIProvisioner, instance: Instance) -> str | None:
-    """Why the kernel must stop, or None while it is within its max_hours and max_cost."""
-    cost, hours = instance.cost(), instance.uptime() / 3600
-    if provisioner.max_cost and cost >= provisioner.max_cost:
-        return (
-            f"instance {instance.id} has cost ${cost:.4f} at ${instance.price_per_hour:g}/h, "
-            f"reaching the kernel's max_cost of ${provisioner.max_cost:g}"
-        )
-    if provisioner.max_hours and hours >= provisioner.max_hours:
-        return (
-            f"instance {instance.id} has run {hours:.4f} h, reaching the kernel's max_hours of "
-            f"{provisioner.max_hours:g} h"
-        )
-    return None
