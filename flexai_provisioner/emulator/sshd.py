@@ -157,6 +157,9 @@ def start_sshd(
                     str(lifeline),
                     sshd_path,
                     "-D",
+                    # Each connection is served by a fork, not a re-exec of sshd, which would
+                    # load its ~25 libraries and config again (~8 ms of every SSH login here).
+                    "-r",
                     "-E",
                     str(log),
                     "-f",
