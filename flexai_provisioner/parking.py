@@ -116,14 +116,15 @@ def give_back(
     restored it, its kept key left in place, its row parked again last (from then on another
     start may take it). The seconds it is parked for; 0 if too little is left, its key was
     unreadable or a step failed (the caller, still its owner, deletes it then)."""
-    until = parked.entry.parked_until or 0.0
-    left = int(until - time.time())
+    entry, now = parked.entry, time.time()
+    until = entry.parked_until or now
+    left = int(until - now)
     if parked.key is None or left < ADOPT_MARGIN:
         return 0
-    entry = parked.entry
     try:
-        if revived:
+        if revived:  # never later than the platform's expiry, as at any parking
             platform.set_ttl(parked.instance_id, left)
+            until = now + left
         fp = entry.key_fingerprint or ""
         ledger.park(
             entry.request_key, until, entry.gpu_count or 1, entry.key_file, fp, entry.labels or "{}"

@@ -412,7 +412,9 @@ async def test_a_start_cancelled_while_adopting_parks_the_instance_again(
     emulator.update_faults(latency=0.0, link_latency_ms=0.0)
     assert emulator.live_instances() == [instance_id]
     after = parked_rows(emulator.url)[instance_id]
-    assert after.parked_until == before.parked_until, "parked again for what it had left"
+    assert before.parked_until - 2 < after.parked_until <= before.parked_until, (
+        "parked again for what it had left"
+    )
     assert Path(after.key_file).exists(), "its key kept for the next adopter"
     with client() as c:
         assert c.get_instance(instance_id).ttl_seconds <= KEEP_ALIVE, "no lease of 900 s left"
