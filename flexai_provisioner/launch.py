@@ -17,7 +17,7 @@ Towards the frontend it behaves like a local kernel process:
   a clean exit (status 0, as after a ``shutdown_request``) parks a healthy one instead if the
   kernelspec sets ``keep_alive``, exactly as the provisioner's shutdown does;
 - SIGTERM, SIGHUP or the frontend's death (this process's parent changes) delete the
-  instance, then end this process.
+  instance (a parked one it is still adopting is parked again), then end this process.
 
 A SIGKILL leaves the instance to ``jupyter flexai gc`` (the ledger names this process as its
 owner) and to the platform's time-to-live.

@@ -467,6 +467,27 @@ def test_the_argv_launcher_parks_at_a_clean_exit_and_deletes_at_a_signal(emulato
     assert emulator.live_instances() == [] and parked_rows(emulator.url) == {}
 
 
+def test_a_stop_signal_to_the_argv_launcher_while_it_adopts_parks_the_instance_again(
+    emulator, warm, tmp_path
+):
+    """The signal's teardown runs beside the start's thread, which is mid-adoption."""
+    emulator.update_faults(link_latency_ms=1)  # reached through the emulator's relay
+    one, _ = run(tmp_path / "nb")
+    instance_id = one["instance"]
+    emulator.update_faults(link_latency_ms=300)  # the adopter's SSH login takes seconds
+    fe = launcher(warm, WARM, tmp_path / "two")
+    try:
+        proc = fe.start()
+        until(lambda: not parked_rows(emulator.url), "the claim", 60)
+        proc.send_signal(signal.SIGTERM)
+        assert fe.wait() == 128 + signal.SIGTERM, fe.stderr()
+    finally:
+        fe.stop()
+    assert "parked again" in fe.stderr()
+    assert emulator.live_instances() == [instance_id]
+    assert set(parked_rows(emulator.url)) == {instance_id}
+
+
 def test_the_argv_launcher_deletes_after_a_crash_even_with_keep_alive(emulator, warm, tmp_path):
     fe = launcher(warm, WARM, tmp_path / "nb")
     try:
