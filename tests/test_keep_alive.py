@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -554,6 +556,28 @@ def test_the_server_lists_parked_instances_and_stop_deletes_them(
         "instances": [],
         "parked": [],
     }
+
+
+def test_a_cancelled_adoption_with_too_little_keep_alive_left_is_not_parked_again(
+    emulator, warm, tmp_path
+):
+    """Nobody could adopt it before the platform deletes it: its owner deletes it instead."""
+    from flexai_provisioner.parking import Parked, give_back
+    from flexai_provisioner.ssh import load_private_key
+
+    one, _ = run(tmp_path / "nb")
+    row = parked_rows(emulator.url)[one["instance"]]
+    ledger = Ledger()
+    assert ledger.claim(row.request_key, "cancelled-kernel")
+    key = load_private_key(row.key_file)
+    short = dataclasses.replace(row, parked_until=time.time() + 3)
+    log = logging.getLogger("test")
+    with client() as c:
+        assert give_back(c, ledger, Parked(short, key), True, log) == 0
+        assert c.get_instance(one["instance"]).ttl_seconds == KEEP_ALIVE, "lease untouched"
+        assert parked_rows(emulator.url) == {}, "still claimed, for its owner to delete"
+        assert give_back(c, ledger, Parked(row, key), False, log) > KEEP_ALIVE - 30
+    assert set(parked_rows(emulator.url)) == {one["instance"]}, "with time left: parked again"
 
 
 def test_a_claim_checks_the_keep_alive_left_in_the_same_update(flexai_env):
