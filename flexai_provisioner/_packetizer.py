@@ -38,7 +38,9 @@ _AEAD_OUT, _ENGINE_OUT, _IV_OUT, _SEQ_OUT, _BLOCK_OUT, _ZIP_OUT, _LOCK_OUT, _SEN
     )
 )
 _HEADER = struct.Struct(">IBBII")  # packet length, padding length, type, channel, data length
-_PADDING = bytes(32)  # encrypted under a fresh nonce: zeros reveal nothing (OpenSSH's CTR trick)
+# Padding sealed under a nonce used once needs no randomness: RFC 4253 asks for random bytes
+# with chained (CBC) modes in mind, and AES-GCM is not one.
+_PADDING = bytes(32)
 
 
 class Packetizer(paramiko.Packetizer):
