@@ -187,6 +187,12 @@ def test_the_kernel_runs_on_an_instance_and_shutdown_deletes_it(emulator, fronte
 
 def test_jupyter_console_existing_attaches_and_shuts_down(emulator, frontend, tmp_path):
     proc = frontend.start()
+    # Attached while the instance boots, the console would call the kernel dead until a
+    # heartbeat is answered, which can be a second after kernel_info is (each unanswered ping
+    # costs jupyter_client a 1 s cycle), and drop the cells read meanwhile unrun: under load,
+    # kernel_info came at 1.1-2.4 s and the heartbeat from 2.0-3.1 s. Attach to a kernel that
+    # answers, as --existing means.
+    frontend.client()
     # Output published before the console's iopub subscription has crossed the tunnel is
     # lost (ZeroMQ's late joiner), as in any frontend: later cells must show it.
     code = (
