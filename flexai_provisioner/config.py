@@ -2,9 +2,10 @@
 
 Every setting and its default is declared once, as a trait of
 :class:`~flexai_provisioner.provisioner.FlexAIProvisioner`. :class:`SessionSettings` is the
-part of them a kernel's :class:`~flexai_provisioner.session.InstanceSession` needs, read from a
-provisioner (the launcher makes one of its kernelspec's provisioner config, reading no Jupyter
-config) or from the traits' defaults.
+part of them a kernel's :class:`~flexai_provisioner.session.InstanceSession` needs,
+:class:`AccessSettings` what its maker needs to reach the platform (the API, the SSH key), both
+read from a provisioner (the launcher makes one of its kernelspec's provisioner config, reading
+no Jupyter config) or from the traits' defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import copy
 import difflib
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from traitlets import HasTraits
 
@@ -122,8 +123,41 @@ def limit_reached(max_hours: float, max_cost: float, instance: Instance) -> str 
     return None
 
 
+_S = TypeVar("_S", bound="_Traits")
+
+
+class _Traits:
+    """Settings (a dataclass) read from a provisioner's traits of the same names."""
+
+    @classmethod
+    def of(cls: type[_S], configured: HasTraits) -> _S:
+        """The values of a configured provisioner's traits."""
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        return cls(**{name: copy.copy(getattr(configured, name)) for name in names})
+
+    @classmethod
+    def defaults(cls: type[_S], declared: type[HasTraits], **changes: Any) -> _S:
+        """The defaults of the traits ``declared`` declares, with ``changes``."""
+        traits = declared.class_traits()
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        return cls(**{name: traits[name].default() for name in names} | changes)
+
+
 @dataclass(frozen=True)
-class SessionSettings:
+class AccessSettings(_Traits):
+    """How a kernel reaches the platform and its instance (see the traits' help). An empty
+    ``api_url`` or ``api_key`` is looked up by :func:`~.credentials.api_settings`."""
+
+    api_url: str
+    api_key: str
+    api_timeout: float
+    ssh_key_file: str
+    ssh_key_passphrase: str
+    reap_orphans_at_start: bool
+
+
+@dataclass(frozen=True)
+class SessionSettings(_Traits):
     """What an instance session needs of the provisioner's traits, under the same names (see
     their help)."""
 
@@ -142,14 +176,3 @@ class SessionSettings:
     workspace: bool
     workspace_max_mb: float
     preload_kernel: bool
-
-    @classmethod
-    def of(cls, configured: HasTraits) -> SessionSettings:
-        """The values of a configured provisioner's traits."""
-        return cls(**{f.name: copy.copy(getattr(configured, f.name)) for f in fields(cls)})
-
-    @classmethod
-    def defaults(cls, declared: type[HasTraits], **changes: Any) -> SessionSettings:
-        """The defaults of the traits ``declared`` declares, with ``changes``."""
-        traits = declared.class_traits()
-        return cls(**{f.name: traits[f.name].default() for f in fields(cls)} | changes)

@@ -24,8 +24,9 @@ owner) and to the platform's time-to-live.
 
 The settings are the provisioner's: those of the kernelspec the connection file names
 (``kernel_name``, which jupyter_client and VS Code write) in its provisioner config, checked
-as the provisioner checks them, else the traits' defaults; ``--no-workspace`` and
-``--workspace-max-mb`` in ``argv`` win.
+as the provisioner checks them, else the traits' defaults; the API, its key and the SSH key
+among them, found as the provisioner finds them. ``--gpu``, ``--gpu-count``,
+``--no-workspace`` and ``--workspace-max-mb`` in ``argv`` win.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ from traitlets import TraitError
 
 from . import executor, progress
 from .client import FlexAIClient
-from .config import SessionSettings, check_gpu_count, check_positive, check_provisioner_config
+from .config import (
+    AccessSettings,
+    SessionSettings,
+    check_gpu_count,
+    check_positive,
+    check_provisioner_config,
+)
 from .errors import ConfigurationError, FlexAIError
 from .kernel_key import KernelKey
 from .kernelspecs import LAUNCHER_MODULE, PROVISIONER_NAME, ipykernel_argv, kernel_name
@@ -107,12 +114,14 @@ class Launcher:
         gpu_count: int,
         connection: dict[str, Any],
         settings: SessionSettings | None = None,
+        access: AccessSettings | None = None,
     ):
         self.gpu_type = gpu_type
         self.gpu_count = gpu_count
         self.connection = connection
         self.kernel_id = str(uuid.uuid4())
         self.settings = settings or SessionSettings.defaults(FlexAIProvisioner)
+        self.access = access or AccessSettings.defaults(FlexAIProvisioner)
         self._signals: list[int] = []  # appended by handlers, consumed by the main loop
         self._wake_r, self._wake_w = os.pipe()
         self._started = threading.Event()  # the remote kernel runs
@@ -128,10 +137,14 @@ class Launcher:
         for signum in (signal.SIGINT, *STOP_SIGNALS):
             signal.signal(signum, lambda signum, _frame: self._signals.append(signum))
         parent = os.getppid()
-        platform = FlexAIClient()
+        access = self.access
+        platform = FlexAIClient(
+            access.api_url or None, access.api_key or None, deadline=access.api_timeout
+        )
         ledger = Ledger()
-        executor.submit(lambda: reap_and_report(platform, ledger, platform.api_url, log))
-        key = KernelKey.for_kernel(self.kernel_id)
+        if access.reap_orphans_at_start:
+            executor.submit(lambda: reap_and_report(platform, ledger, platform.api_url, log))
+        key = KernelKey.for_kernel(self.kernel_id, access.ssh_key_file, access.ssh_key_passphrase)
         session = InstanceSession(platform, ledger, platform.api_url, key, self.settings, log)
         self.session = session
         keep_alive = 0  # parked only after a clean exit: every other end deletes
@@ -206,11 +219,12 @@ class Launcher:
         log.info("FlexAI kernel %s: %s", self.kernel_id, text)
 
 
-def kernelspec_settings(name: object, gpu_type: str) -> SessionSettings:
+def kernelspec_settings(name: object, gpu_type: str) -> tuple[SessionSettings, AccessSettings]:
     """The settings in the provisioner config of kernelspec ``name`` (the connection file's
     ``kernel_name``), checked as the provisioner checks them; the traits' defaults if it names
-    no kernelspec that runs this launcher, so a warm start (``keep_alive``), its ``labels``
-    and its time-to-live are the same whichever frontend runs the kernel."""
+    no kernelspec that runs this launcher, so the platform, the key, a warm start
+    (``keep_alive``), its ``labels`` and its time-to-live are the same whichever frontend runs
+    the kernel."""
     try:
         spec = KernelSpecManager().get_kernel_spec(name) if isinstance(name, str) else None
     except NoSuchKernel:
@@ -221,14 +235,17 @@ def kernelspec_settings(name: object, gpu_type: str) -> SessionSettings:
         or provisioner.get("provisioner_name") != PROVISIONER_NAME
         or list(spec.argv[1:3]) != ["-m", LAUNCHER_MODULE]
     ):
-        return SessionSettings.defaults(FlexAIProvisioner)
+        return (
+            SessionSettings.defaults(FlexAIProvisioner),
+            AccessSettings.defaults(FlexAIProvisioner),
+        )
     config = {"gpu_type": gpu_type, **provisioner.get("config", {})}
     try:
         configured = FlexAIProvisioner(kernel_id="", kernel_spec=spec, parent=None, **config)
     except TraitError as e:
         raise ConfigurationError(f"kernelspec {spec.display_name!r}: {e}") from None
     check_provisioner_config(configured)
-    return SessionSettings.of(configured)
+    return SessionSettings.of(configured), AccessSettings.of(configured)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -236,7 +253,8 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run a Jupyter kernel on a FlexAI GPU instance for a frontend that starts "
         "kernelspecs itself (VS Code, emacs-jupyter). The API is found as the provisioner "
-        "finds it: FLEXAI_API_URL / FLEXAI_API_KEY, then the credentials file.",
+        "finds it: the kernelspec's api_url, FLEXAI_API_URL / FLEXAI_API_KEY, then the "
+        "credentials file.",
     )
     parser.add_argument("--gpu", required=True, metavar="TYPE", help="GPU type, e.g. A100")
     parser.add_argument("--gpu-count", type=int, default=1, metavar="N", help="GPUs (1..8)")
@@ -282,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         flags = {"workspace": args.workspace, "workspace_max_mb": args.workspace_max_mb}
         if args.workspace_max_mb is not None:
             check_positive("--workspace-max-mb", args.workspace_max_mb, "MB")
-        settings = kernelspec_settings(connection.get("kernel_name"), args.gpu)
+        settings, access = kernelspec_settings(connection.get("kernel_name"), args.gpu)
         settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
-        launcher = Launcher(args.gpu, args.gpu_count, connection, settings)
+        launcher = Launcher(args.gpu, args.gpu_count, connection, settings, access)
         return launcher.run()
     except FlexAIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
