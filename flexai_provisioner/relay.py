@@ -10,6 +10,7 @@ through ``chan.fileno()`` and ``recv()`` on this thread.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import selectors
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import paramiko
 
-from . import executor
+from . import executor, zmtp
 from .ssh import close_quietly, consumed, grant, send_data, set_sink
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,16 @@ class Pipe:
     goes straight from decryption to ``send()``, and only what the socket cannot take at
     once waits in ``to_sock`` for the relay thread. ``lock`` guards ``to_sock`` and
     ``closed``, the state both threads touch.
+
+    A channel that was sent a ZeroMQ greeting ahead (``greeted``, see :mod:`.zmtp`) does not
+    get the client's: it is read into ``greeting``, checked and dropped, then the socket side
+    falls back to the plain path.
     """
 
-    def __init__(self, sock: socket.socket, chan: paramiko.Channel):
+    def __init__(self, sock: socket.socket, chan: paramiko.Channel, greeted: bool = False):
         self.sock = sock
         self.chan = chan
+        self.greeting = bytearray() if greeted else None  # the client's, until it is whole
         self.lock = threading.Lock()
         self.to_chan = b""  # read from the socket, not yet accepted by the channel window
         self.to_sock = bytearray()  # from the channel, not yet accepted by the socket buffer
@@ -52,6 +58,7 @@ class Pipe:
         self.on_sock: Callable[[int], None] = lambda _events: None
         self.on_chan: Callable[[int], None] = lambda _events: None
         self.on_close: Callable[[Pipe], None] = lambda _pipe: None
+        self.on_mismatch: Callable[[], None] = lambda: None
 
 
 class Forwarder:
@@ -106,11 +113,17 @@ class Forwarder:
 
     # -- relaying (relay thread only, but for _deliver) ---------------------------------
 
-    def add_pipe(self, pipe: Pipe, on_close: Callable[[Pipe], None]) -> None:
+    def add_pipe(
+        self,
+        pipe: Pipe,
+        on_close: Callable[[Pipe], None],
+        on_mismatch: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Relay ``pipe``; ``on_mismatch`` if its client's greeting is not the one sent ahead."""
         pipe.sock.setblocking(False)
         pipe.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pipe.chan.settimeout(0.0)
-        pipe.on_close = on_close
+        pipe.on_close, pipe.on_mismatch = on_close, on_mismatch
 
         def on_sock(events: int) -> None:
             if events & selectors.EVENT_READ:
@@ -124,10 +137,47 @@ class Forwarder:
             self._maybe_close(pipe)
 
         pipe.on_sock, pipe.on_chan = on_sock, on_chan
-        self._sel.register(pipe.sock, selectors.EVENT_READ, on_sock)
+        if pipe.greeting is not None:
+            pipe.on_sock = functools.partial(self._client_greeting, pipe, on_sock)
+        self._sel.register(pipe.sock, selectors.EVENT_READ, pipe.on_sock)
         # Readable on data only without a sink; with one, on end of file and close.
         self._sel.register(pipe.chan.fileno(), selectors.EVENT_READ, on_chan)
         pipe.direct = set_sink(pipe.chan, lambda data: self._deliver(pipe, data))
+
+    def _client_greeting(self, pipe: Pipe, on_sock: Callable[[int], None], _events: int) -> None:
+        """Read the client's greeting; once whole and like the one sent ahead, drop it, send
+        on what followed it and hand the socket to the plain path (``on_sock``)."""
+        assert pipe.greeting is not None
+        try:
+            data = pipe.sock.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data and not pipe.greeting:  # gone before a word: nothing to pass on
+            self._broken(pipe)
+            return
+        pipe.greeting += data
+        try:
+            if not data:  # as libzmq refuses the kernel's answer (another mechanism)
+                raise zmtp.Mismatch("the client left during its greeting")
+            whole = zmtp.check_greeting(pipe.greeting)
+        except zmtp.Mismatch as e:
+            # The kernel has the greeting sent ahead, not this one: the connection is lost
+            # (the ZeroMQ client reconnects by itself), and the next ones go verbatim.
+            log.info("ZeroMQ client unlike the greeting sent ahead (%s): reconnecting it", e)
+            self.close_pipe(pipe)
+            pipe.on_close(pipe)
+            pipe.on_mismatch()
+            return
+        if whole:
+            pipe.to_chan = bytes(pipe.greeting[zmtp.GREETING_SIZE :])
+            pipe.greeting = None
+            pipe.on_sock = on_sock
+            self._sel.modify(pipe.sock, selectors.EVENT_READ, on_sock)
+            self._flush_to_chan(pipe)
+            self._interest(pipe)
+            self._maybe_close(pipe)
 
     def _interest(self, pipe: Pipe) -> None:
         """Read only what there is room to pass on: back-pressure in both directions."""

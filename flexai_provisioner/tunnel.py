@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import paramiko
 
-from . import relay
+from . import relay, zmtp
 from .errors import LocalPortError, SSHChannelRefusedError, SSHError
 from .relay import Forwarder, Pipe
 from .ssh import close_quietly, open_forward
@@ -35,6 +35,11 @@ class Tunnel:
     the new kernel the moment it is known: the client need not wait out its reconnect
     interval (100 ms for ZeroMQ) after a restart. So is a connection that comes before the
     first :meth:`retarget`, from a frontend that chose the ports while the instance boots.
+
+    A channel opened ahead (:meth:`preopen`) is sent a ZeroMQ client's greeting at once, so
+    that the client it goes to completes its handshake locally (:mod:`.zmtp`); only there,
+    where the kernel's port listens and the kernel answers it while it starts. After a client
+    whose greeting was unlike it, the tunnel sends none ahead any more.
     """
 
     def __init__(
@@ -53,9 +58,11 @@ class Tunnel:
         self._generation = 0  # bumped by every retarget, disconnect and close
         self._pipes: set[Pipe] = set()
         self._parked: list[tuple[str, socket.socket, tuple[str, int]]] = []
-        # Channels opened ahead (preopen), by name: (transport, remote port, channel).
-        self._spare: dict[str, tuple[paramiko.Transport, int, paramiko.Channel]] = {}
+        # Channels opened ahead (preopen), by name: (transport, remote port, channel, whether
+        # it was sent the ZeroMQ greeting).
+        self._spare: dict[str, tuple[paramiko.Transport, int, paramiko.Channel, bool]] = {}
         self._closed = False
+        self._greet = True  # send the greeting ahead (until a client's was unlike it)
         self._listeners: dict[str, socket.socket] = {}
         self.local_ports: dict[str, int] = {}
         try:
@@ -79,9 +86,10 @@ class Tunnel:
 
     def preopen(self, transport: paramiko.Transport, remote_ports: dict[str, int]) -> None:
         """Open a channel to each of ``remote_ports`` now, for the first connection to that
-        port once it is the target. A standby agent listens on its kernel's ports before
-        the kernel runs (connections wait in the backlog), so the forwards open while
-        ipykernel starts instead of after."""
+        port once it is the target, and send it a ZeroMQ client's greeting. A standby agent
+        listens on its kernel's ports before the kernel runs (connections wait in the
+        backlog), so the forwards open and the kernel answers the greetings while ipykernel
+        starts instead of after."""
         for name, port in remote_ports.items():
             self._fwd.open_channel(lambda n=name, p=port: self._open_spare(transport, n, p))
 
@@ -91,13 +99,21 @@ class Tunnel:
         except SSHError as e:
             log.debug("no channel opened ahead: %s", e)
             return
+        greeted = self._greet
+        if greeted:
+            try:
+                chan.sendall(zmtp.GREETING)
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                log.debug("no ZeroMQ greeting sent ahead: %s", e)
+                close_quietly(chan)
+                return
 
         def keep() -> None:
             self._drop_spare(name)
             if self._closed:
                 close_quietly(chan)
             else:
-                self._spare[name] = (transport, port, chan)
+                self._spare[name] = (transport, port, chan, greeted)
 
         self._fwd.call(keep)
 
@@ -177,7 +193,7 @@ class Tunnel:
         if spare is not None:
             chan = spare[2]
             if spare[:2] == (transport, port) and not (chan.closed or chan.eof_received):
-                self._attach(name, sock, peer, chan, generation)
+                self._attach(name, sock, peer, chan, generation, greeted=spare[3])
                 return
             close_quietly(chan)
         self._fwd.open_channel(lambda: self._open(name, sock, peer, transport, port, generation))
@@ -210,15 +226,19 @@ class Tunnel:
         peer: tuple[str, int],
         chan: paramiko.Channel,
         generation: int,
+        greeted: bool = False,
     ) -> None:
-        """Relay ``sock`` over ``chan`` (relay thread)."""
+        """Relay ``sock`` over ``chan`` (relay thread); ``greeted``: see :meth:`preopen`."""
         if self._generation != generation:  # retargeted, reconnected or closed meanwhile
             close_quietly(chan)
             self._connect(name, sock, peer)  # to the current target, or closed if none
             return
-        pipe = Pipe(sock, chan)
+        pipe = Pipe(sock, chan, greeted)
         self._pipes.add(pipe)
-        self._fwd.add_pipe(pipe, self._pipes.discard)
+        self._fwd.add_pipe(pipe, self._pipes.discard, self._stop_greeting)
+
+    def _stop_greeting(self) -> None:
+        self._greet = False
 
     def _park(self, name: str, sock: socket.socket, peer: tuple[str, int], generation: int) -> None:
         if generation != self._generation:  # retargeted meanwhile: try the new kernel now
