@@ -485,6 +485,30 @@ def test_delete_kills_detached_processes_and_sshd(
         socket.create_connection(("127.0.0.1", inst["ssh"]["port"]), timeout=5).close()
 
 
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
+def test_the_instance_init_adopts_detached_processes(
+    api: Api, emulator: Emulator, client_key: tuple[Path, str]
+) -> None:
+    """The init becomes the subreaper after it has started sshd, still in time for any
+    process started through it: a daemon's parent is the init, not the machine's PID 1."""
+    inst = api.running()
+    transport, _ = ssh_connect(inst, client_key[0])
+    try:
+        _, daemon = ssh_run(transport, "python3 -", stdin=DAEMON)
+    finally:
+        transport.close()
+    (directory,) = emulator.state_dir.glob(f"{inst['id']}-*")
+    init = _ppid(int((directory / "sshd.pid").read_text()))
+    assert init != 1
+    assert _ppid(int(daemon)) == init
+    assert api.delete(inst["id"]).status_code == 200
+    assert not pid_alive(int(daemon))
+
+
 def test_deleted_instance_is_answered_but_not_listed(api: Api, emulator: Emulator) -> None:
     inst = api.running()
     directories = glob.glob(str(emulator.state_dir / f"{inst['id']}-*"))
