@@ -16,8 +16,13 @@ Towards the frontend it behaves like a local kernel process:
 - the kernel's exit ends this process with the kernel's status, after deleting the instance;
   a clean exit (status 0, as after a ``shutdown_request``) parks a healthy one instead if the
   kernelspec sets ``keep_alive``, exactly as the provisioner's shutdown does;
-- SIGTERM, SIGHUP or the frontend's death (this process's parent changes) delete the
-  instance (a parked one it is still adopting is parked again), then end this process.
+- SIGTERM, SIGHUP or the frontend's death (this process's parent changes) end this process
+  (status 128 + the signal, or 1). They are how these frontends stop a kernel at a normal
+  shutdown (VS Code kills the process it started, sending no ``shutdown_request``), so with
+  ``keep_alive`` a kernel that runs on a healthy link is first asked to shut down, as
+  jupyter_client asks it, and its instance parked; otherwise the instance is deleted: during
+  the start (a parked one it is still adopting is parked again), after the kernel's crash, or
+  with the link down.
 
 A SIGKILL leaves the instance to ``jupyter flexai gc`` (the ledger names this process as its
 owner) and to the platform's time-to-live.
@@ -36,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import select
 import signal
 import sys
@@ -46,6 +52,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from traitlets import TraitError
 
@@ -75,6 +82,9 @@ POLL_INTERVAL = 0.2  # how often the parent and the kernel are checked; the kern
 # already in the agent channel's buffer, so a check costs no round trip
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+SHUTDOWN_WAIT = 5.0  # seconds a kernel asked to shut down has to exit before it is killed, as
+# the provisioner gives it (get_shutdown_wait_time)
 
 
 def read_connection_file(path: str) -> dict[str, Any]:
@@ -147,15 +157,15 @@ class Launcher:
         key = KernelKey.for_kernel(self.kernel_id, access.ssh_key_file, access.ssh_key_passphrase)
         session = InstanceSession(platform, ledger, platform.api_url, key, self.settings, log)
         self.session = session
-        keep_alive = 0  # parked only after a clean exit: every other end deletes
+        keep_alive = 0  # parked only after a clean shutdown: every other end deletes
         try:
             # At once, before minutes of provisioning: the frontend may check that the
             # kernel listens, and no other process can take the ports meanwhile.
             session.listen({name: self.connection[name] for name in PORT_NAMES})
             worker = threading.Thread(target=self._start, name="flexai-launch", daemon=True)
             worker.start()
-            status = self._serve(parent)
-            if status == 0:  # the kernel exited by itself, cleanly
+            status, clean = self._serve(parent)
+            if clean:
                 keep_alive = self.settings.keep_alive
         finally:
             parked = session.teardown(keep_alive)
@@ -186,37 +196,72 @@ class Launcher:
     def _instance_id(self) -> str | None:
         return self.session.instance_id if self.session is not None else None
 
-    def _serve(self, parent: int) -> int:
-        """Wait for signals, the start, the kernel's exit or the parent's; return the status."""
+    def _serve(self, parent: int) -> tuple[int, bool]:
+        """Wait for signals, the start, the kernel's exit or the parent's; return the exit
+        status, and whether the kernel was shut down cleanly (its instance may be parked)."""
         assert self.session is not None
         while True:
             select.select([self._wake_r], [], [], POLL_INTERVAL)
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
+            # The kernel's own end first: a crash that a stop signal follows is still a crash.
+            status = self.session.kernel_status() if self._started.is_set() else None
+            if status is not None:
+                self._say(f"the kernel exited with status {status}")
+                return (status if status >= 0 else 128 - status), status == 0
             signals, self._signals = self._signals, []
             for signum in signals:
                 if signum in STOP_SIGNALS:
-                    self._say(f"{signal.Signals(signum).name}: deleting the instance")
-                    return 128 + signum
+                    return 128 + signum, self._stop(signal.Signals(signum).name)
                 if self._started.is_set():
                     self.session.signal(signal.SIGINT)
                 else:
                     self._say("interrupt ignored: the kernel is not running yet")
             if os.getppid() != parent:
-                self._say("the frontend that started it is gone: deleting the instance")
-                return 1
+                return 1, self._stop("the frontend that started it is gone")
             if self._start_done.is_set() and self._start_error is not None:
                 if isinstance(self._start_error, FlexAIError):
                     print(f"{PROG}: error: {self._start_error}", file=sys.stderr, flush=True)
-                    return 1
+                    return 1, False
                 raise self._start_error
-            status = self.session.kernel_status() if self._started.is_set() else None
-            if status is not None:
-                self._say(f"the kernel exited with status {status}")
-                return status if status >= 0 else 128 - status
+
+    def _stop(self, why: str) -> bool:
+        """The frontend's stop: with ``keep_alive``, ask a kernel that runs on a healthy link to
+        shut down (as jupyter_client does); whether it may be parked."""
+        assert self.session is not None
+        if not (self.settings.keep_alive and self._started.is_set() and self.session.connected):
+            self._say(f"{why}: deleting the instance")
+            return False
+        self._say(f"{why}: shutting the kernel down")
+        client = BlockingKernelClient()
+        client.load_connection_info(self.connection)
+        channel = client.control_channel  # to this process's own port, as a frontend's
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        try:
+            request = client.shutdown()
+            # Its reply says the request is through: only then may the tunnel hold new
+            # connections (this one's among them) while the kernel's ports close.
+            with contextlib.suppress(queue.Empty):
+                while _parent_id(channel.get_msg(timeout=_left(deadline))) != request:
+                    pass
+            self.session.expect_kernel_exit()
+            while self.session.kernel_status() is None and time.monotonic() < deadline:
+                time.sleep(POLL_INTERVAL / 4)
+        finally:
+            channel.close()
+            client.context.destroy(linger=0)
+        return True
 
     def _say(self, text: str) -> None:
         log.info("FlexAI kernel %s: %s", self.kernel_id, text)
+
+
+def _parent_id(message: dict[str, Any]) -> object:
+    return message["parent_header"].get("msg_id")
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def kernelspec_settings(name: object, gpu_type: str) -> tuple[SessionSettings, AccessSettings]:

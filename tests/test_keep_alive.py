@@ -438,34 +438,58 @@ def launcher(kernelspecs, name: str, directory: Path) -> Frontend:
     return fe
 
 
-def test_the_argv_launcher_parks_at_a_clean_exit_and_deletes_at_a_signal(emulator, warm, tmp_path):
+def test_the_argv_launcher_parks_at_a_stop_signal_and_the_next_one_adopts(emulator, warm, tmp_path):
+    """SIGTERM is how VS Code stops a raw kernel at a normal shutdown (it sends no
+    shutdown_request): the kernel is asked to shut down, so it ends as after one (its exit
+    handlers run, their files come back), and its instance is parked."""
     one = launcher(warm, WARM, tmp_path / "one")
     try:
-        one.start()
-        _, out = run_code(one.client(), "import os; print(os.environ['FLEXAI_INSTANCE_ID'])")
+        proc = one.start()
+        bye = "import atexit; atexit.register(lambda: open('bye.txt', 'w').write('clean'))"
+        _, out = run_code(
+            one.client(), f"{bye}; import os; print(os.environ['FLEXAI_INSTANCE_ID'])"
+        )
         instance_id = out.strip()
-        one.clients[0].shutdown()
-        assert one.wait() == 0, one.stderr()
+        proc.send_signal(signal.SIGTERM)
+        assert one.wait() == 128 + signal.SIGTERM, one.stderr()
     finally:
         one.stop()
     assert f"parked for {KEEP_ALIVE} s" in one.stderr()
+    assert (tmp_path / "one" / "bye.txt").read_text() == "clean"
     assert emulator.live_instances() == [instance_id]
     assert set(parked_rows(emulator.url)) == {instance_id}
     with client() as c:
         assert c.get_instance(instance_id).ttl_seconds == KEEP_ALIVE
 
-    # The next launcher of that kernelspec adopts it; a stop signal deletes it, keep_alive
-    # or not, as a signal to a Jupyter server does.
+    # The next launcher of that kernelspec adopts it; a clean exit parks it again.
     two = launcher(warm, WARM, tmp_path / "two")
     try:
-        proc = two.start()
+        two.start()
         _, out = run_code(two.client(), "import os; print(os.environ['FLEXAI_INSTANCE_ID'])")
         assert out.strip() == instance_id
         assert f"parked instance {instance_id}" in two.stderr()
-        proc.send_signal(signal.SIGTERM)
-        assert two.wait() == 128 + signal.SIGTERM
+        two.clients[0].shutdown()
+        assert two.wait() == 0, two.stderr()
     finally:
         two.stop()
+    assert f"parked for {KEEP_ALIVE} s" in two.stderr()
+    assert emulator.live_instances() == [instance_id]
+    assert set(parked_rows(emulator.url)) == {instance_id}
+
+
+def test_a_stop_signal_to_the_argv_launcher_during_its_start_deletes_the_instance(
+    emulator, warm, tmp_path
+):
+    emulator.update_faults(stuck=True)  # the instance is created and never runs
+    fe = launcher(warm, WARM, tmp_path / "nb")
+    try:
+        proc = fe.start()
+        until(emulator.live_instances, "the instance's creation", 60)
+        proc.send_signal(signal.SIGTERM)
+        assert fe.wait() == 128 + signal.SIGTERM, fe.stderr()
+    finally:
+        fe.stop()
+    assert "SIGTERM: deleting the instance" in fe.stderr() and "parked" not in fe.stderr()
     assert emulator.live_instances() == [] and parked_rows(emulator.url) == {}
 
 
