@@ -477,6 +477,36 @@ def test_the_argv_launcher_parks_at_a_stop_signal_and_the_next_one_adopts(emulat
     assert set(parked_rows(emulator.url)) == {instance_id}
 
 
+# The frontend, as the launcher's parent: it runs argv and waits, until it is killed.
+PARENT = "import subprocess, sys; subprocess.Popen(sys.argv[1:]).wait()"
+
+
+def test_the_argv_launcher_parks_when_its_frontend_dies_with_a_busy_kernel(
+    emulator, warm, tmp_path
+):
+    """The frontend gone (VS Code quit or crashed) is an end like its SIGTERM. A kernel busy in
+    a cell does not exit at a shutdown request before the cell ends: it is killed after the
+    wait, as jupyter_client's shutdown kills it, and its instance parked all the same."""
+    directory = tmp_path / "nb"
+    fe = launcher(warm, WARM, directory)
+    fe.argv = [sys.executable, "-c", PARENT, *fe.argv]
+    try:
+        parent = fe.start()
+        kc = fe.client()
+        _, out = run_code(kc, "import os; print(os.environ['FLEXAI_INSTANCE_ID'])")
+        instance_id = out.strip()
+        kc.execute("import time; time.sleep(600)")
+        parent.kill()
+        parent.wait(10)
+        until(lambda: "shut down; instance" in fe.stderr(), "the launcher's shutdown", 60)
+    finally:
+        fe.stop()
+    assert "the frontend that started it is gone: shutting the kernel down" in fe.stderr()
+    assert f"parked for {KEEP_ALIVE} s" in fe.stderr()
+    assert emulator.live_instances() == [instance_id]
+    assert set(parked_rows(emulator.url)) == {instance_id}
+
+
 def test_a_stop_signal_to_the_argv_launcher_during_its_start_deletes_the_instance(
     emulator, warm, tmp_path
 ):
