@@ -22,7 +22,9 @@ Towards the frontend it behaves like a local kernel process:
   ``keep_alive`` a kernel that runs on a healthy link is first asked to shut down, as
   jupyter_client asks it, and its instance parked; otherwise the instance is deleted: during
   the start (a parked one it is still adopting is parked again), after the kernel's crash, or
-  with the link down.
+  with the link down. The parking is recorded in the ledger before the kernel is asked to
+  stop, so the next launcher a restart starts at once waits to adopt the instance
+  (:mod:`.parking`) rather than provision another.
 
 A SIGKILL leaves the instance to ``jupyter flexai gc`` (the ledger names this process as its
 owner) and to the platform's time-to-live.
@@ -56,7 +58,7 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from traitlets import TraitError
 
-from . import executor, progress
+from . import executor, parking, progress
 from .client import FlexAIClient
 from .config import (
     AccessSettings,
@@ -232,6 +234,8 @@ class Launcher:
         if not (self.settings.keep_alive and self._started.is_set() and self.session.connected):
             self._say(f"{why}: deleting the instance")
             return False
+        s = self.session  # a restart's new launcher waits for the instance from here on
+        parking.begin(s.ledger, s.request_key, s.instance, s.key, s.settings)
         self._say(f"{why}: shutting the kernel down")
         client = BlockingKernelClient()
         client.load_connection_info(self.connection)

@@ -14,6 +14,13 @@ Whether an owner died is decided only from what this machine can see: a row's ow
 died if it ran on this host, in this boot and this PID namespace, and no process with its
 pid and start time is left. Anything else (a container with the same hostname, a cloned
 VM, a /proc we cannot read) counts as alive.
+
+A live row is in one of three states, changed only by the methods named here: *owned* by its
+process; *being parked* (:meth:`begin_parking`, ``parking_since`` set: still owned, so exit
+cleanup and the reaper treat it as owned, its kind written for the next kernel to wait on);
+*parked* (:meth:`park`, ``parked_until`` set: owned by no process). Owned becomes being parked
+or is deleted; being parked becomes parked, or owned again (:meth:`end_parking`) and deleted;
+parked becomes owned again by one claimant (:meth:`claim`).
 """
 
 from __future__ import annotations
@@ -64,11 +71,12 @@ ADDED_COLUMNS = {
     "parked_until": "REAL",  # while parked (keep_alive): when the platform deletes it
     "key_fingerprint": "TEXT",  # of the key authorised on the instance, while parked
     "labels": "TEXT",  # the extra platform labels (JSON) it was made with, while parked
+    "parking_since": "REAL",  # while being parked: when its owner began to park it
 }
 COLUMNS = (
     "request_key, instance_id, api_url, kernel_id, gpu_type, owner_host, owner_boot,"
     " owner_pidns, owner_pid, owner_started, created_at, key_file, delete_owed, gpu_count,"
-    " parked_until, key_fingerprint, labels"
+    " parked_until, key_fingerprint, labels, parking_since"
 )
 _OWNER_IS_THIS_PROCESS = (
     "owner_host = ?, owner_boot = ?, owner_pidns = ?, owner_pid = ?, owner_started = ?"
@@ -148,6 +156,7 @@ class Entry:
     parked_until: float | None = None  # set while parked: no process owns it then
     key_fingerprint: str | None = None
     labels: str | None = None  # JSON, sorted keys
+    parking_since: float | None = None  # set while its owner parks it
 
     def expired(self, now: float | None = None) -> bool:
         """Whether it was parked and its keep-alive is over (the platform deletes it)."""
@@ -294,6 +303,25 @@ class Ledger:
             (*_this_process(), request_key),
         )
 
+    def begin_parking(
+        self, request_key: str, gpu_count: int, key_fingerprint: str, labels: str
+    ) -> None:
+        """Record that the owner is parking the request's instance (before it stops the
+        kernel), with the kind :meth:`park` will record, so that a kernel of that kind starting
+        meanwhile waits for it rather than provisioning another. The row stays this process's
+        until :meth:`park` or :meth:`end_parking`."""
+        self._write(
+            "UPDATE instances SET parking_since = ?, gpu_count = ?, key_fingerprint = ?,"
+            " labels = ? WHERE request_key = ? AND parked_until IS NULL AND deleted_at IS NULL",
+            (time.time(), gpu_count, key_fingerprint, labels, request_key),
+        )
+
+    def end_parking(self, request_key: str) -> None:
+        """The parking failed: the row is its owner's alone again (who deletes the instance)."""
+        self._write(
+            "UPDATE instances SET parking_since = NULL WHERE request_key = ?", (request_key,)
+        )
+
     def park(
         self,
         request_key: str,
@@ -308,8 +336,8 @@ class Ledger:
         is an orphan once expired. ``key_file`` is the private key kept for that kernel (None:
         the user's own key, which is never copied), removed with the instance."""
         self._write(
-            "UPDATE instances SET parked_until = ?, gpu_count = ?, key_file = ?,"
-            " key_fingerprint = ?, labels = ? WHERE request_key = ?",
+            "UPDATE instances SET parked_until = ?, parking_since = NULL, gpu_count = ?,"
+            " key_file = ?, key_fingerprint = ?, labels = ? WHERE request_key = ?",
             (until, gpu_count, key_file, key_fingerprint, labels, request_key),
         )
 
@@ -369,7 +397,8 @@ def _this_process() -> tuple[object, ...]:
 
 def _entry(row: tuple[object, ...]) -> Entry:
     (request_key, instance_id, api_url, kernel_id, gpu_type, host, boot, pidns, pid, started,
-     created_at, key_file, owed, gpu_count, parked_until, key_fp, labels) = row  # fmt: skip
+     created_at, key_file, owed, gpu_count, parked_until, key_fp, labels,
+     parking) = row  # fmt: skip
     owner = Owner(str(host), str(boot or ""), str(pidns or ""), int(pid), float(started))
     return Entry(
         str(request_key),
@@ -385,6 +414,7 @@ def _entry(row: tuple[object, ...]) -> Entry:
         None if parked_until is None else float(parked_until),  # type: ignore[arg-type]
         key_fp and str(key_fp),
         labels and str(labels),
+        None if parking is None else float(parking),  # type: ignore[arg-type]
     )
 
 

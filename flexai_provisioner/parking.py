@@ -11,6 +11,12 @@ machine, in any process, *claims* the row (one conditional update under the ledg
 lock, so two starts never adopt the same instance), restores the lease to ``instance_ttl``,
 connects with the key the row names, clears the previous kernel's workspace and starts a fresh
 kernel. A parked instance that is gone or unreachable is deleted, and a new one provisioned.
+A frontend's restart (VS Code kills the old kernel's launcher and starts the new one at once)
+is a hand-off: the old owner records first that it is parking (:func:`begin`, before it stops
+the kernel), and a start that finds nothing parked but one of its kind being parked waits for
+it (:data:`HANDOFF_WAIT` at most, polling the ledger) and claims it once parked. It stops
+waiting if the parking fails, the row goes away or its owner dies (then the reaper deletes
+its instance, as any dead owner's, in the background), and provisions.
 A start cancelled while it adopts (before the workspace is cleared) parks the instance again
 as it was, its lease cut back to the keep-alive left, unless too little is (then it deletes it).
 
@@ -22,9 +28,11 @@ keeps its fingerprint, and only a kernel configured with that same key adopts th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,12 +40,13 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_runtime_dir
 
+from . import executor
 from .config import SessionSettings, limit_reached
 from .errors import FlexAIError, ParkedInstanceError, PlatformError, SSHError
 from .gpu_platform import Instance, InstanceState, Platform
 from .kernel_key import KernelKey, write_key_file
 from .ledger import Entry, Ledger
-from .reaper import delete_entry
+from .reaper import delete_entry, reap_and_report
 from .rfc3339 import format_time
 from .ssh import KeyPair, SSHConnection, fingerprint, load_private_key
 from .workspace.transfer import REMOTE_ROOT
@@ -45,6 +54,11 @@ from .workspace.transfer import REMOTE_ROOT
 #: A parked instance this close to its expiry is not adopted: the platform may delete it
 #: before the adopter has restored its lease.
 ADOPT_MARGIN = 5.0
+
+#: Seconds a start waits for an instance of its kind that another process is parking, and how
+#: often it looks meanwhile (a read of the ledger).
+HANDOFF_WAIT = 15.0
+HANDOFF_POLL = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,26 @@ class Parked:
 def key_path(instance_id: str) -> Path:
     """Where a parked instance's per-kernel key waits for its adopter."""
     return Path(jupyter_runtime_dir()) / f"flexai-parked-{instance_id}.key"
+
+
+def begin(
+    ledger: Ledger,
+    request_key: str,
+    instance: Instance | None,
+    key: KernelKey,
+    settings: SessionSettings,
+) -> None:
+    """Record that ``instance`` is being parked, before its kernel is asked to stop, so a start
+    of its kind meanwhile waits for it (:func:`claim`). Its owner may call it again. A ledger
+    that fails only costs the hand-off: it is logged, and the parking goes on."""
+    if instance is None:
+        return
+    fp, labels = fingerprint(key.pair.private_key), _labels(settings.labels)
+    try:
+        ledger.begin_parking(request_key, instance.gpu_count, fp, labels)
+    except FlexAIError as e:
+        msg = "cannot record that FlexAI instance %s is being parked: %s"
+        logging.getLogger(__name__).warning(msg, instance.id, e)
 
 
 def park(
@@ -98,6 +132,8 @@ def park(
         if path is not None:
             path.unlink(missing_ok=True)
         log.warning("could not park FlexAI instance %s (%s): deleting it", instance.id, e)
+        with contextlib.suppress(FlexAIError):  # else its deletion closes the row
+            ledger.end_parking(request_key)
         return 0
     log.info(
         "FlexAI instance %s parked for %d s (keep_alive): the next kernel of its kind on this "
@@ -143,6 +179,80 @@ def give_back(
 
 
 def claim(
+    platform: Platform,
+    ledger: Ledger,
+    api_url: str,
+    gpu_type: str,
+    gpu_count: int,
+    kernel_id: str,
+    own_key: KeyPair | None,
+    labels: dict[str, str],
+    cancelled: threading.Event,
+    log: logging.Logger,
+) -> Parked | None:
+    """Claim a parked instance this kernel may adopt (:func:`claim_parked`); if there is none
+    but one of its kind is being parked, wait for it (the hand-off) and claim then. None if
+    there is nothing to adopt, or ``cancelled`` is set while waiting."""
+    args = (ledger, api_url, gpu_type, gpu_count, kernel_id, own_key, labels)
+    if (parked := claim_parked(*args)) is not None:
+        return parked
+    kind = (gpu_type, gpu_count, _labels(labels))
+    if not _await_handoff(platform, ledger, api_url, kind, own_key, cancelled, log):
+        return None
+    return claim_parked(*args)
+
+
+def _await_handoff(
+    platform: Platform,
+    ledger: Ledger,
+    api_url: str,
+    kind: tuple[str, int, str],
+    own_key: KeyPair | None,
+    cancelled: threading.Event,
+    log: logging.Logger,
+) -> bool:
+    """Wait while a live owner on this machine parks an instance of ``kind`` (for one with its
+    own key, made with that key), at most :data:`HANDOFF_WAIT` seconds; True once one of those
+    is parked. False at once if none is being parked, or once none is any more (the parking
+    failed, the row went away, or its owner died: then the reaper deletes its instance)."""
+    fp = None if own_key is None else fingerprint(own_key.private_key)
+    deadline = time.monotonic() + HANDOFF_WAIT
+    waited: set[str] = set()
+    while True:
+        rows = {e.request_key: e for e in ledger.live(api_url)}
+        if any(k in rows and rows[k].parked_until is not None for k in waited):
+            return True
+        if any(k in rows and rows[k].owner.died() for k in waited):
+            log.warning("FlexAI: the process parking an instance died; provisioning instead")
+            executor.submit(lambda: reap_and_report(platform, ledger, api_url, log))
+            return False
+        was, waited = waited, {k for k, e in rows.items() if _handing_off(e, kind, fp)}
+        if not waited:
+            return False
+        if not was:
+            log.info("FlexAI: waiting for the instance another kernel is parking, to adopt it")
+        if time.monotonic() >= deadline:
+            log.warning(
+                "FlexAI: no instance was parked within %g s; provisioning instead", HANDOFF_WAIT
+            )
+            return False
+        if cancelled.wait(HANDOFF_POLL):
+            return False
+
+
+def _handing_off(entry: Entry, kind: tuple[str, int, str], fp: str | None) -> bool:
+    """Whether ``entry`` is being parked by a live owner on this machine, of ``kind`` and, for
+    a kernel with its own key (``fp``), with that key."""
+    if entry.parking_since is None or entry.delete_owed or entry.instance_id is None:
+        return False
+    if (entry.gpu_type, entry.gpu_count, entry.labels or "{}") != kind:
+        return False
+    if fp is not None and entry.key_fingerprint != fp:
+        return False
+    return entry.owner.visible() and not entry.owner.died()
+
+
+def claim_parked(
     ledger: Ledger,
     api_url: str,
     gpu_type: str,

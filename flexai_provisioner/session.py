@@ -186,15 +186,15 @@ class InstanceSession(KernelLink):
     def adopt(self, gpu_type: str, gpu_count: int, kernel_id: str, phase: Phase) -> bool:
         """Take over a parked instance of this kind (:mod:`.parking`) instead of provisioning:
         restore its lease, connect with its key, clear the previous kernel's files. False if
-        there is none, or the one claimed is gone or unreachable (then it is deleted, and this
-        session provisions as if none had been found). Each step runs under the start-step
-        lock, so a teardown meanwhile (which parks it again) never meets a step half done."""
-        own = self.key.pair if self.key.own else None
+        there is none (nor one being parked), or the one claimed is gone or unreachable (then
+        it is deleted, and this session provisions as if none had been found). Each step runs
+        under the start-step lock, so a teardown meanwhile (which parks it again, and cancels
+        the wait for one being parked) never meets a step half done."""
+        own, kind = self.key.pair if self.key.own else None, (gpu_type, gpu_count, kernel_id)
         with self._start_step:  # a claim after a teardown would be nobody's
             self._check_cancelled()
-            parked = parking.claim(
-                self.ledger, self.api_url, gpu_type, gpu_count, kernel_id, own, self.settings.labels
-            )
+            where, labels = (self.platform, self.ledger, self.api_url), self.settings.labels
+            parked = parking.claim(*where, *kind, own, labels, self._cancelled, self.log)
             if parked is None:
                 return False
             self._adopting = parked
@@ -383,6 +383,7 @@ class InstanceSession(KernelLink):
         try:
             supervisor.unwatch(self)
             if park:
+                parking.begin(self.ledger, self.request_key, self.instance, self.key, self.settings)
                 self.stop_kernel()  # no process of this kernel's may meet the next one
             self._save_results()
             self._close_link()

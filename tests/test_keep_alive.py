@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -563,6 +564,96 @@ def test_the_argv_launcher_refuses_a_bad_keep_alive_in_its_kernelspec(emulator, 
     assert fe.wait() == 1
     assert "kernelspec 'FlexAI A100'" in fe.stderr() and "keep_alive" in fe.stderr()
     assert emulator.live_instances() == []
+
+
+# -- a restart's hand-off: the old launcher parks while the new one starts ---------------
+
+# The kernel's exit handlers take seconds, so that the next launcher looks while it parks.
+SLOW_EXIT = "import atexit, time; atexit.register(time.sleep, 3)"
+INSTANCE_ID = "import os; print(os.environ['FLEXAI_INSTANCE_ID'])"
+
+
+def being_parked(api_url: str) -> set[str | None]:
+    return {e.instance_id for e in Ledger().live(api_url) if e.parking_since is not None}
+
+
+def requests_made(api_url: str) -> int:
+    """Instances ever requested from ``api_url`` (a ledger row is written before each)."""
+    with contextlib.closing(sqlite3.connect(Ledger().path)) as db:
+        query = "SELECT COUNT(*) FROM instances WHERE api_url = ?"
+        return db.execute(query, (api_url,)).fetchone()[0]
+
+
+def test_a_restart_of_the_argv_launcher_hands_its_instance_to_the_next_one(
+    emulator, warm, tmp_path
+):
+    """VS Code restarts a raw kernel with a SIGTERM to its launcher and, at once, a new
+    launcher: that one finds nothing parked yet, waits for the instance being parked and
+    adopts it. Only one instance is ever requested (the old code requested a second)."""
+    one = launcher(warm, WARM, tmp_path / "one")
+    two = launcher(warm, WARM, tmp_path / "two")
+    try:
+        proc = one.start()
+        _, out = run_code(one.client(), f"{SLOW_EXIT}; {INSTANCE_ID}")
+        instance_id = out.strip()
+        proc.send_signal(signal.SIGTERM)
+        until(lambda: "shutting the kernel down" in one.stderr(), "the old launcher's stop", 30)
+        two.start()
+        _, out = run_code(two.client(), INSTANCE_ID)
+        assert out.strip() == instance_id, two.stderr()
+        assert one.wait() == 128 + signal.SIGTERM, one.stderr()
+        two.clients[0].shutdown()
+        assert two.wait() == 0, two.stderr()
+    finally:
+        two.stop()
+        one.stop()
+    assert "waiting for the instance another kernel is parking" in two.stderr()
+    assert f"parked instance {instance_id}" in two.stderr()
+    assert requests_made(emulator.url) == 1
+    assert emulator.live_instances() == [instance_id]
+    assert set(parked_rows(emulator.url)) == {instance_id}
+
+
+def test_a_launcher_killed_while_it_parks_is_not_waited_for_and_its_instance_is_deleted(
+    emulator, warm, tmp_path
+):
+    """The parker stopped mid-park (SIGSTOP, after its parking is recorded) and then killed
+    (SIGKILL): the next launcher, waiting for it, sees its owner die, stops waiting and
+    provisions; the dead parker's instance is deleted by the reaper that the waiter starts
+    (its owner died, as any orphan's), not left to the platform's time-to-live."""
+    one = launcher(warm, WARM, tmp_path / "one")
+    two = launcher(warm, WARM, tmp_path / "two")
+    proc = None
+    try:
+        proc = one.start()
+        _, out = run_code(one.client(), f"{SLOW_EXIT}; {INSTANCE_ID}")
+        first = out.strip()
+        proc.send_signal(signal.SIGTERM)
+        until(lambda: being_parked(emulator.url) == {first}, "the parking's record", 30)
+        proc.send_signal(signal.SIGSTOP)  # mid-park: its kernel asked to exit, not yet parked
+        two.start()
+        waiting = "waiting for the instance another kernel is parking"
+        until(lambda: waiting in two.stderr(), "the new launcher's wait", 60)
+        proc.kill()
+        assert proc.wait(30) == -signal.SIGKILL
+        _, out = run_code(two.client(), INSTANCE_ID)
+        second = out.strip()
+        until(lambda: first not in emulator.live_instances(), "the dead parker's deletion", 60)
+        two.clients[0].shutdown()
+        assert two.wait() == 0, two.stderr()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+        two.stop()
+        one.stop()
+    assert second != first
+    log = two.stderr()
+    assert "the process parking an instance died; provisioning instead" in log
+    assert f"deleted FlexAI instance {first} left by an earlier kernel (ledger, owner died)" in log
+    assert requests_made(emulator.url) == 2
+    assert emulator.live_instances() == [second]
+    assert set(parked_rows(emulator.url)) == {second}
+    assert being_parked(emulator.url) == set()
 
 
 # -- the server extension ----------------------------------------------------------------
