@@ -17,9 +17,10 @@ VM, a /proc we cannot read) counts as alive.
 
 A live row is in one of three states, changed only by the methods named here: *owned* by its
 process; *being parked* (:meth:`begin_parking`, ``parking_since`` set: still owned, so exit
-cleanup and the reaper treat it as owned, its kind written for the next kernel to wait on);
-*parked* (:meth:`park`, ``parked_until`` set: owned by no process). Owned becomes being parked
-or is deleted; being parked becomes parked, or owned again (:meth:`end_parking`) and deleted;
+cleanup and the reaper treat it as owned, and an orphan once its owner died; its kind written
+for the next kernel to wait on); *parked* (:meth:`park`, ``parked_until`` set: owned by no
+process). Owned becomes being parked, parked (an adoption given back), or is deleted; being
+parked becomes parked, or owned again (:meth:`end_parking`, :meth:`mark_owed`) and is deleted;
 parked becomes owned again by one claimant (:meth:`claim`).
 """
 
@@ -365,9 +366,11 @@ class Ledger:
             raise self._error(e) from None
 
     def mark_owed(self, request_key: str, reason: str) -> None:
-        """Record that deleting this request's instance failed, so anyone may retry it."""
+        """Record that deleting this request's instance failed, so anyone may retry it (a
+        parking under way ends: the instance is being deleted)."""
         self._write(
-            "UPDATE instances SET delete_owed = ? WHERE request_key = ?", (reason, request_key)
+            "UPDATE instances SET delete_owed = ?, parking_since = NULL WHERE request_key = ?",
+            (reason, request_key),
         )
 
     def mark_deleted(self, request_key: str) -> None:

@@ -59,6 +59,9 @@ ADOPT_MARGIN = 5.0
 #: often it looks meanwhile (a read of the ledger).
 HANDOFF_WAIT = 15.0
 HANDOFF_POLL = 0.1
+#: A parking under way for longer is stuck (its owner hung: it is still the owner, and parks or
+#: deletes if it wakes, else the reaper deletes once it dies): starts no longer wait for it.
+PARKING_STUCK = 120.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,8 @@ def _handing_off(entry: Entry, kind: tuple[str, int, str], fp: str | None) -> bo
     """Whether ``entry`` is being parked by a live owner on this machine, of ``kind`` and, for
     a kernel with its own key (``fp``), with that key."""
     if entry.parking_since is None or entry.delete_owed or entry.instance_id is None:
+        return False
+    if entry.parking_since < time.time() - PARKING_STUCK:
         return False
     if (entry.gpu_type, entry.gpu_count, entry.labels or "{}") != kind:
         return False

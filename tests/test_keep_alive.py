@@ -656,6 +656,41 @@ def test_a_launcher_killed_while_it_parks_is_not_waited_for_and_its_instance_is_
     assert being_parked(emulator.url) == set()
 
 
+def test_a_start_waits_for_a_stalled_parker_only_up_to_the_bound(emulator, warm, tmp_path):
+    """The parker stalled mid-park (SIGSTOP) but alive: the next launcher waits for it up to
+    the bound, then provisions. Still alive, the parker keeps its instance (no one deletes it
+    from under it); once killed, the reaper (`gc` here) deletes it, its owner having died."""
+    one = launcher(warm, WARM, tmp_path / "one")
+    two = launcher(warm, WARM, tmp_path / "two")
+    proc = None
+    try:
+        proc = one.start()
+        _, out = run_code(one.client(), f"{SLOW_EXIT}; {INSTANCE_ID}")
+        first = out.strip()
+        proc.send_signal(signal.SIGTERM)
+        until(lambda: being_parked(emulator.url) == {first}, "the parking's record", 30)
+        proc.send_signal(signal.SIGSTOP)
+        two.start()
+        _, out = run_code(two.client(), INSTANCE_ID)
+        second = out.strip()
+        assert sorted(emulator.live_instances()) == sorted([first, second])
+        proc.kill()
+        assert proc.wait(30) == -signal.SIGKILL
+        done = gc()
+        assert first in done.stdout and "owner died" in done.stdout, done.stdout
+        two.clients[0].shutdown()
+        assert two.wait() == 0, two.stderr()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+        two.stop()
+        one.stop()
+    assert second != first
+    assert "no instance was parked within 15 s; provisioning instead" in two.stderr()
+    assert emulator.live_instances() == [second]
+    assert being_parked(emulator.url) == set()
+
+
 # -- the server extension ----------------------------------------------------------------
 
 
