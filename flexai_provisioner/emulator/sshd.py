@@ -159,6 +159,7 @@ def start_sshd(
                     "-D",
                     # Each connection is served by a fork, not a re-exec of sshd, which would
                     # load its ~25 libraries and config again (~8 ms of every SSH login here).
+                    # OpenSSH 9.8+ (sshd-session) always execs and logs -r as deprecated.
                     "-r",
                     "-E",
                     str(log),
