@@ -181,44 +181,60 @@ def give_back(
     return left
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """What a starting kernel may adopt: an instance of its API, GPU type and count, made
+    with the same extra ``labels`` (a team's instance is not billed to another) and, for a
+    kernel with its own key (``own_key``), with that key."""
+
+    api_url: str
+    gpu_type: str
+    gpu_count: int
+    labels: dict[str, str]
+    own_key: KeyPair | None
+    kernel_id: str
+
+    def matches(self, entry: Entry) -> bool:
+        """Whether ``entry``'s instance is of this kind (whatever its state)."""
+        kind = (self.gpu_type, self.gpu_count, _labels(self.labels))
+        if (entry.gpu_type, entry.gpu_count, entry.labels or "{}") != kind:
+            return False
+        if entry.delete_owed or entry.instance_id is None:
+            return False
+        if self.own_key is not None:
+            return fingerprint(self.own_key.private_key) == entry.key_fingerprint
+        return True
+
+
 def claim(
     platform: Platform,
     ledger: Ledger,
-    api_url: str,
-    gpu_type: str,
-    gpu_count: int,
-    kernel_id: str,
-    own_key: KeyPair | None,
-    labels: dict[str, str],
+    wanted: Wanted,
     cancelled: threading.Event,
     log: logging.Logger,
 ) -> Parked | None:
     """Claim a parked instance this kernel may adopt (:func:`claim_parked`); if there is none
     but one of its kind is being parked, wait for it (the hand-off) and claim then. None if
     there is nothing to adopt, or ``cancelled`` is set while waiting."""
-    args = (ledger, api_url, gpu_type, gpu_count, kernel_id, own_key, labels)
-    if (parked := claim_parked(*args)) is not None:
+    if (parked := claim_parked(ledger, wanted)) is not None:
         return parked
-    kind = (gpu_type, gpu_count, _labels(labels))
-    if not _await_handoff(platform, ledger, api_url, kind, own_key, cancelled, log):
+    if not _await_handoff(platform, ledger, wanted, cancelled, log):
         return None
-    return claim_parked(*args)
+    return claim_parked(ledger, wanted)
 
 
 def _await_handoff(
     platform: Platform,
     ledger: Ledger,
-    api_url: str,
-    kind: tuple[str, int, str],
-    own_key: KeyPair | None,
+    wanted: Wanted,
     cancelled: threading.Event,
     log: logging.Logger,
 ) -> bool:
-    """Wait while a live owner on this machine parks an instance of ``kind`` (for one with its
-    own key, made with that key), at most :data:`HANDOFF_WAIT` seconds; True once one of those
-    is parked. False at once if none is being parked, or once none is any more (the parking
-    failed, the row went away, or its owner died: then the reaper deletes its instance)."""
-    fp = None if own_key is None else fingerprint(own_key.private_key)
+    """Wait while a live owner on this machine parks an instance ``wanted`` matches, at most
+    :data:`HANDOFF_WAIT` seconds; True once one of those is parked. False at once if none is
+    being parked, or once none is any more (the parking failed, the row went away, or its
+    owner died: then the reaper deletes its instance)."""
+    api_url = wanted.api_url
     deadline = time.monotonic() + HANDOFF_WAIT
     waited: set[str] = set()
     while True:
@@ -229,7 +245,7 @@ def _await_handoff(
             log.warning("FlexAI: the process parking an instance died; provisioning instead")
             executor.submit(lambda: reap_and_report(platform, ledger, api_url, log))
             return False
-        was, waited = waited, {k for k, e in rows.items() if _handing_off(e, kind, fp)}
+        was, waited = waited, {k for k, e in rows.items() if _handing_off(e, wanted)}
         if not waited:
             return False
         if not was:
@@ -243,51 +259,27 @@ def _await_handoff(
             return False
 
 
-def _handing_off(entry: Entry, kind: tuple[str, int, str], fp: str | None) -> bool:
-    """Whether ``entry`` is being parked by a live owner on this machine, of ``kind`` and, for
-    a kernel with its own key (``fp``), with that key."""
-    if entry.parking_since is None or entry.delete_owed or entry.instance_id is None:
+def _handing_off(entry: Entry, wanted: Wanted) -> bool:
+    """Whether ``entry`` is being parked by a live owner on this machine, and ``wanted``."""
+    if entry.parking_since is None or entry.parking_since < time.time() - PARKING_STUCK:
         return False
-    if entry.parking_since < time.time() - PARKING_STUCK:
-        return False
-    if (entry.gpu_type, entry.gpu_count, entry.labels or "{}") != kind:
-        return False
-    if fp is not None and entry.key_fingerprint != fp:
-        return False
-    return entry.owner.visible() and not entry.owner.died()
+    return wanted.matches(entry) and entry.owner.visible() and not entry.owner.died()
 
 
-def claim_parked(
-    ledger: Ledger,
-    api_url: str,
-    gpu_type: str,
-    gpu_count: int,
-    kernel_id: str,
-    own_key: KeyPair | None,
-    labels: dict[str, str],
-) -> Parked | None:
+def claim_parked(ledger: Ledger, wanted: Wanted) -> Parked | None:
     """Claim the freshest parked instance this kernel may adopt, or None.
 
-    It must be of the same API, GPU type and count, made with the same extra ``labels`` (a
-    team's instance is not billed to another), parked on this machine (the owner that parked
-    it visible from here), not about to expire, and reachable with a key this kernel may use:
-    its kept key, or for a kernel with its own key (``own_key``) that same key.
+    It must be ``wanted``'s kind, parked on this machine (the owner that parked it visible
+    from here), not about to expire, and reachable with a key this kernel may use: its kept
+    key, or for a kernel with its own key that same key.
     """
-    now = time.time()
-    kind = (gpu_type, gpu_count, _labels(labels))
-    for entry in ledger.parked(api_url):
-        if (entry.gpu_type, entry.gpu_count, entry.labels or "{}") != kind or entry.delete_owed:
+    now, own_key = time.time(), wanted.own_key
+    for entry in ledger.parked(wanted.api_url):
+        if not wanted.matches(entry) or (entry.parked_until or 0) < now + ADOPT_MARGIN:
             continue
-        if entry.instance_id is None or (entry.parked_until or 0) < now + ADOPT_MARGIN:
+        if not entry.owner.visible() or (own_key is None and entry.key_file is None):
             continue
-        if not entry.owner.visible():
-            continue
-        if own_key is not None:
-            if fingerprint(own_key.private_key) != entry.key_fingerprint:
-                continue
-        elif entry.key_file is None:
-            continue
-        if not ledger.claim(entry.request_key, kernel_id, time.time() + ADOPT_MARGIN):
+        if not ledger.claim(entry.request_key, wanted.kernel_id, time.time() + ADOPT_MARGIN):
             continue  # another start or `gc` took it first, or it is about to expire
         if own_key is not None:
             return Parked(entry, own_key)

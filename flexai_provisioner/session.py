@@ -190,11 +190,13 @@ class InstanceSession(KernelLink):
         it is deleted, and this session provisions as if none had been found). Each step runs
         under the start-step lock, so a teardown meanwhile (which parks it again, and cancels
         the wait for one being parked) never meets a step half done."""
-        own, kind = self.key.pair if self.key.own else None, (gpu_type, gpu_count, kernel_id)
+        own = self.key.pair if self.key.own else None
+        wanted = parking.Wanted(
+            self.api_url, gpu_type, gpu_count, self.settings.labels, own, kernel_id
+        )
         with self._start_step:  # a claim after a teardown would be nobody's
             self._check_cancelled()
-            where, labels = (self.platform, self.ledger, self.api_url), self.settings.labels
-            parked = parking.claim(*where, *kind, own, labels, self._cancelled, self.log)
+            parked = parking.claim(self.platform, self.ledger, wanted, self._cancelled, self.log)
             if parked is None:
                 return False
             self._adopting = parked
