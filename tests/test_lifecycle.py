@@ -162,6 +162,40 @@ async def test_kernels_are_forked_from_a_preloaded_standby(emulator, kernelspecs
             assert out.split() == ["ipykernel_launcher.py", "kernelspec-env"]
 
 
+def agents_in_preload_mode(emulator) -> set[int]:
+    """The instance's processes started as standbys: kernels forked from one and the agents
+    that forked and watch them as well as a standby waiting for its kernel."""
+    return {p for p in emulator.processes() if forked_from_a_standby(p)}
+
+
+async def test_the_next_standby_waits_for_the_new_kernel_to_have_started(
+    emulator, kernelspecs, monkeypatch
+):
+    """The next kernel's standby imports ipykernel only once the new kernel is up, so the two
+    do not compete for the instance's CPU; a restart before that starts it itself."""
+    from flexai_provisioner import kernel_link
+
+    monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 3600.0)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    async with started(km) as kc:
+        reply, _ = await run(kc, "1")
+        assert reply["status"] == "ok"
+        assert len(agents_in_preload_mode(emulator)) == 2  # the kernel and its agent alone
+        await km.restart_kernel()  # long before the next standby is due
+        await kc.wait_for_ready(timeout=60)
+        assert forked_from_a_standby(km.provisioner.remote_pid)
+        monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 0.0)
+        before = agents_in_preload_mode(emulator)
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        kernel = km.provisioner.remote_pid
+        agent = int(Path(f"/proc/{kernel}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        await until_async(
+            lambda: agents_in_preload_mode(emulator) - before - {kernel, agent},
+            "the next kernel's standby",
+        )
+
+
 @pytest.mark.parametrize("public", [False, True], ids=["internals", "public-api"])
 async def test_forwards_open_ahead_of_the_kernel_and_none_is_refused(
     emulator, kernelspecs, monkeypatch, caplog, public
