@@ -148,12 +148,8 @@ class Forwarder:
         """Read the client's greeting; once whole and like the one sent ahead, drop it, send
         on what followed it and hand the socket to the plain path (``on_sock``)."""
         assert pipe.greeting is not None
-        try:
-            data = pipe.sock.recv(CHUNK)
-        except BlockingIOError:
+        if (data := _recv(pipe.sock)) is None:
             return
-        except OSError:
-            data = b""
         if not data and not pipe.greeting:  # gone before a word: nothing to pass on
             self._broken(pipe)
             return
@@ -206,12 +202,8 @@ class Forwarder:
             self._sel.unregister(fileobj)
 
     def _sock_readable(self, pipe: Pipe) -> None:
-        try:
-            data = pipe.sock.recv(CHUNK)
-        except BlockingIOError:
+        if (data := _recv(pipe.sock)) is None:
             return
-        except OSError:
-            data = b""
         if not data:
             pipe.sock_eof = True
             with contextlib.suppress(OSError, EOFError):
@@ -352,3 +344,14 @@ class Forwarder:
 
 #: The process's one relay thread, started on first use.
 forwarder = executor.one_per_process(Forwarder)
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket has now: None if nothing yet, ``b""`` at its end or on an
+    error (both end the socket's side of the pipe)."""
+    try:
+        return sock.recv(CHUNK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""

@@ -614,6 +614,17 @@ def test_a_restart_of_the_argv_launcher_hands_its_instance_to_the_next_one(
     assert set(parked_rows(emulator.url)) == {instance_id}
 
 
+def stop_mid_park(proc: subprocess.Popen, frontend, emulator) -> str:
+    """SIGTERM the launcher ``proc`` (its kernel slow to exit) and stop it (SIGSTOP) once its
+    parking is recorded: asked to exit, not yet parked. Its instance's id."""
+    _, out = run_code(frontend.client(), f"{SLOW_EXIT}; {INSTANCE_ID}")
+    first = out.strip()
+    proc.send_signal(signal.SIGTERM)
+    until(lambda: being_parked(emulator.url) == {first}, "the parking's record", 30)
+    proc.send_signal(signal.SIGSTOP)
+    return first
+
+
 def test_a_launcher_killed_while_it_parks_is_not_waited_for_and_its_instance_is_deleted(
     emulator, warm, tmp_path
 ):
@@ -626,11 +637,7 @@ def test_a_launcher_killed_while_it_parks_is_not_waited_for_and_its_instance_is_
     proc = None
     try:
         proc = one.start()
-        _, out = run_code(one.client(), f"{SLOW_EXIT}; {INSTANCE_ID}")
-        first = out.strip()
-        proc.send_signal(signal.SIGTERM)
-        until(lambda: being_parked(emulator.url) == {first}, "the parking's record", 30)
-        proc.send_signal(signal.SIGSTOP)  # mid-park: its kernel asked to exit, not yet parked
+        first = stop_mid_park(proc, one, emulator)
         two.start()
         waiting = "waiting for the instance another kernel is parking"
         until(lambda: waiting in two.stderr(), "the new launcher's wait", 60)
@@ -665,11 +672,7 @@ def test_a_start_waits_for_a_stalled_parker_only_up_to_the_bound(emulator, warm,
     proc = None
     try:
         proc = one.start()
-        _, out = run_code(one.client(), f"{SLOW_EXIT}; {INSTANCE_ID}")
-        first = out.strip()
-        proc.send_signal(signal.SIGTERM)
-        until(lambda: being_parked(emulator.url) == {first}, "the parking's record", 30)
-        proc.send_signal(signal.SIGSTOP)
+        first = stop_mid_park(proc, one, emulator)
         two.start()
         _, out = run_code(two.client(), INSTANCE_ID)
         second = out.strip()
