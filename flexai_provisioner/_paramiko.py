@@ -17,7 +17,12 @@ from concurrent.futures import Future
 from typing import Any
 
 import paramiko
-from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
+from paramiko.common import (
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_OPEN,
+    MSG_CHANNEL_WINDOW_ADJUST,
+    cMSG_CHANNEL_REQUEST,
+)
 from paramiko.sftp import CMD_HANDLE, CMD_STATUS
 
 from ._packetizer import READ_AHEAD, Packetizer
@@ -30,9 +35,20 @@ _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 
 
-def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
-    """A client transport preferring cheap ciphers: ours, or paramiko's if PUBLIC_API_ONLY."""
-    transport = (paramiko.Transport if PUBLIC_API_ONLY else _SinkTransport)(sock, **kwargs)
+# OpenSSH numbers a connection's channels from 0, in the order they are opened.
+_FIRST_CHANNEL = 0
+
+
+def new_transport(
+    sock: socket.socket, first_command: str | None = None, **kwargs: Any
+) -> paramiko.Transport:
+    """A client transport preferring cheap ciphers: ours, or paramiko's if PUBLIC_API_ONLY.
+    Ours sends ``first_command``'s exec behind the login (see :func:`exec_ahead`)."""
+    if PUBLIC_API_ONLY:
+        transport = paramiko.Transport(sock, **kwargs)
+    else:
+        transport = _SinkTransport(sock, **kwargs)
+        transport.first_command = first_command
     options = transport.get_security_options()
     options.ciphers = _first(_CIPHERS, options.ciphers)
     options.digests = _first(_MACS, options.digests)
@@ -41,6 +57,16 @@ def new_transport(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
 
 def _first(preferred: tuple[str, ...], offered: tuple[str, ...]) -> tuple[str, ...]:
     return (*(p for p in preferred if p in offered), *(o for o in offered if o not in preferred))
+
+
+def exec_ahead(
+    transport: paramiko.Transport, command: str, timeout: float
+) -> paramiko.Channel | None:
+    """The session opened behind the login with ``command`` exec'd in it, once sshd has
+    answered the exec; None unless ``command`` was the transport's ``first_command``."""
+    if not isinstance(transport, _SinkTransport):
+        return None
+    return transport.take_first(command, timeout)
 
 
 def session_started(transport: paramiko.Transport) -> None:
@@ -104,6 +130,10 @@ class _SinkTransport(paramiko.Transport):
         MSG_CHANNEL_DATA: _on_channel_data,
     }
     _ahead: Future[paramiko.Channel] | None = None  # the session opened behind the login
+    first_command: str | None = None  # to exec in it, if sshd is OpenSSH
+    _exec_sent: str | None = None  # the command exec'd behind the open, until taken
+    _behind_open: paramiko.Message | None = None  # to send right behind the next open
+    _first_channel: paramiko.Channel | None = None  # the open it went behind
 
     def __init__(self, sock: socket.socket, **kwargs: Any):
         self.sock: _Socket
@@ -121,8 +151,14 @@ class _SinkTransport(paramiko.Transport):
 
     def auth_publickey(self, username: str, key: paramiko.PKey, event: None = None) -> list:
         """paramiko's login, with the service request, userauth request and a session's open in
-        one flight (RFC 4252: sshd handles each in order): two round trips saved."""
+        one flight (RFC 4252: sshd handles each in order): two round trips saved. With
+        OpenSSH, ``first_command``'s exec goes behind the open, to the channel number sshd
+        will give it: one more round trip saved, and sshd's Nagle wait on the confirmation
+        (it sets TCP_NODELAY at a session's first exec, which flushes what it held)."""
         done, self._ahead = threading.Event(), Future()
+        if self.first_command is not None and self.remote_version.startswith("SSH-2.0-OpenSSH_"):
+            self._exec_sent = self.first_command
+            self._behind_open = _exec_request(_FIRST_CHANNEL, self.first_command)
         auth = self.auth_handler = paramiko.AuthHandler(self)
         auth._parse_service_accept = lambda _m: None  # type: ignore[method-assign] # see below
         auth.auth_publickey(username, key, done)  # sends the service request
@@ -134,19 +170,69 @@ class _SinkTransport(paramiko.Transport):
     def _open_ahead(self, ahead: Future[paramiko.Channel]) -> None:
         try:
             ahead.set_result(super().open_session(timeout=self.auth_timeout))
-        except BaseException as e:  # the login failed, and the open with it
-            ahead.set_exception(e)
+        except BaseException as e:
+            # A command exec'd behind the open may have ended, and paramiko forgotten its
+            # channel, before this thread looked for it: that channel is the result.
+            if (chan := self._first_channel) is not None and chan.active:
+                ahead.set_result(chan)
+            else:  # the login failed, and the open with it
+                ahead.set_exception(e)
+
+    def _send_user_message(self, data: paramiko.Message) -> None:
+        super()._send_user_message(data)
+        if self._behind_open is not None and (raw := data.asbytes())[0] == MSG_CHANNEL_OPEN:
+            behind, self._behind_open = self._behind_open, None
+            super()._send_user_message(behind)
+            opened = paramiko.Message(raw[1:])
+            opened.get_string()  # the channel type
+            self._first_channel = self._channels.get(opened.get_int())
+
+    def take_first(self, command: str, timeout: float) -> paramiko.Channel | None:
+        """See :func:`exec_ahead`."""
+        with self.lock:
+            if self._exec_sent != command or self._ahead is None:
+                return None
+            ahead, self._ahead, self._exec_sent = self._ahead, None, None
+        chan = ahead.result(timeout)
+        try:
+            if chan.remote_chanid != _FIRST_CHANNEL:
+                raise paramiko.SSHException(
+                    f"sshd numbered the first channel {chan.remote_chanid}, not "
+                    f"{_FIRST_CHANNEL} as OpenSSH does; set FLEXAI_SSH_PUBLIC_API_ONLY=1"
+                )
+            if not chan.event.wait(timeout):
+                raise TimeoutError(f"no answer to the exec within {timeout:g} s")
+            if not chan.event_ready:  # refused, or the connection ended
+                raise self.get_exception() or paramiko.SSHException("Channel closed.")
+        except BaseException:
+            chan.close()
+            raise
+        return chan
 
     def open_session(self, *args: Any, **kwargs: Any) -> paramiko.Channel:
-        """The session opened behind the login, else a new one (ssh.py's are all alike)."""
+        """The session opened behind the login (unless a command was exec'd in it), else a new
+        one (ssh.py's are all alike)."""
         with self.lock:
-            ahead, self._ahead = self._ahead, None
+            ahead = None
+            if self._exec_sent is None:
+                ahead, self._ahead = self._ahead, None
         if ahead is not None:
             try:
                 return ahead.result(kwargs.get("timeout"))
             except Exception:  # a channel opened now tells why; the late one is closed
                 ahead.add_done_callback(lambda f: f.exception() or f.result().close())
         return super().open_session(*args, **kwargs)
+
+
+def _exec_request(remote_chanid: int, command: str) -> paramiko.Message:
+    """An ``exec`` channel request asking for an answer, as ``Channel.exec_command`` sends."""
+    m = paramiko.Message()
+    m.add_byte(cMSG_CHANNEL_REQUEST)
+    m.add_int(remote_chanid)
+    m.add_string("exec")
+    m.add_boolean(True)
+    m.add_string(command)
+    return m
 
 
 class _Socket:

@@ -93,7 +93,9 @@ class KernelLink:
         phase("connecting")
         with self._start_step:
             self._check_cancelled()
-            self.conn = self._connect()
+            # The standby agent's exec goes with the login (_prepare_standby runs it next).
+            first = Standby.command(self.settings.remote_python)
+            self.conn = self._connect(first if self.settings.preload_kernel else None)
             self.listen()
         self._prepare_standby()
         self._check_cancelled()
@@ -104,13 +106,14 @@ class KernelLink:
         if self._cancelled.is_set():
             raise StartCancelledError("kernel start cancelled")
 
-    def _connect(self) -> SSHConnection:
+    def _connect(self, first_command: str | None = None) -> SSHConnection:
         assert self.instance is not None and self.instance.ssh is not None
         return connect(
             self.instance.ssh,
             self.key.pair,
             connect_timeout=self.settings.ssh_connect_timeout,
             keepalive_interval=self.settings.ssh_keepalive_interval,
+            first_command=first_command,
         )
 
     def _launch(

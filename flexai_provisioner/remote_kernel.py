@@ -43,10 +43,15 @@ class Standby:
         self.ports = ports
         self._buf = buf
 
+    @staticmethod
+    def command(python: str) -> str:
+        """What :meth:`open` execs (for :class:`SSHConnection`'s ``first_command``)."""
+        return _agent_command(python, "preload")
+
     @classmethod
     def open(cls, conn: SSHConnection, python: str, timeout: float = 30.0) -> Standby:
         """Start one, and read the ports it listens on."""
-        chan = conn.exec(_agent_command(python, "preload"))
+        chan = conn.exec(cls.command(python))
         try:
             with errors_mapped("the standby kernel agent's channel failed"):
                 line, rest = _read_line(chan, timeout)

@@ -17,12 +17,21 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ._paramiko import consumed, grant, new_transport, send_data, session_started, set_sink
+from ._paramiko import (
+    consumed,
+    exec_ahead,
+    grant,
+    new_transport,
+    send_data,
+    session_started,
+    set_sink,
+)
 from .errors import (
     FlexAIError,
     HostKeyMismatchError,
@@ -198,6 +207,7 @@ class SSHConnection:
     The host key is checked against the fingerprint the platform reported before any
     credential is sent; there is no known_hosts file and no trust on first use. Every
     method raises the :class:`~flexai_provisioner.errors.SSHError` family, never paramiko's.
+    ``first_command``, the first :meth:`exec` expected, may be sent with the login.
     """
 
     def __init__(
@@ -207,9 +217,11 @@ class SSHConnection:
         *,
         connect_timeout: float = 30.0,
         keepalive_interval: float = 5.0,
+        first_command: str | None = None,
     ):
         self.endpoint = endpoint
         self._key = key
+        self._first_command = first_command
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive_interval
         self._transport: paramiko.Transport | None = None
@@ -233,7 +245,10 @@ class SSHConnection:
             try:
                 _tune_socket(sock, self._keepalive_interval)
                 transport = new_transport(
-                    sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
+                    sock,
+                    self._first_command,
+                    default_window_size=WINDOW_SIZE,
+                    default_max_packet_size=MAX_PACKET_SIZE,
                 )
             except BaseException:
                 sock.close()
@@ -308,13 +323,16 @@ class SSHConnection:
 
     def exec(self, command: str) -> paramiko.Channel:
         """Start ``command`` on a new session channel and return the channel."""
-        with errors_mapped(f"cannot start a command on {self._where}", self._connect_timeout):
-            chan = self._open_session(self._connect_timeout)
-            try:
-                chan.exec_command(command)
-            except BaseException:
-                chan.close()
-                raise
+        timeout = self._connect_timeout
+        with errors_mapped(f"cannot start a command on {self._where}", timeout):
+            chan = exec_ahead(self.transport, command, timeout)
+            if chan is None:
+                chan = self._open_session(timeout)
+                try:
+                    chan.exec_command(command)
+                except BaseException:
+                    chan.close()
+                    raise
         session_started(self.transport)
         return chan
 
@@ -371,7 +389,7 @@ def close_quietly(chan: paramiko.Channel) -> None:
         chan.close()
 
 
-def connect(endpoint: SSHEndpoint, key: KeyPair, **kwargs: float) -> SSHConnection:
+def connect(endpoint: SSHEndpoint, key: KeyPair, **kwargs: Any) -> SSHConnection:
     """A connected :class:`SSHConnection` (``kwargs`` as its constructor's)."""
     conn = SSHConnection(endpoint, key, **kwargs)
     conn.connect()

@@ -231,6 +231,31 @@ async def test_forwards_open_ahead_of_the_kernel_and_none_is_refused(
     assert not [r for r in caplog.records if "open FAILED" in r.getMessage()]
 
 
+async def test_the_first_kernels_agent_is_started_with_the_login(
+    emulator, kernelspecs, monkeypatch
+):
+    """The standby agent the first kernel forks from is exec'd behind the SSH login (on
+    paramiko's internals path), not a round trip after it."""
+    from flexai_provisioner import _paramiko
+    from flexai_provisioner.remote_kernel import Standby
+
+    taken: list[tuple[str, bool]] = []  # (command, whether its exec went with the login)
+    take_first = _paramiko._SinkTransport.take_first
+
+    def recording(self, command, timeout):
+        chan = take_first(self, command, timeout)
+        taken.append((command, chan is not None))
+        return chan
+
+    monkeypatch.setattr(_paramiko._SinkTransport, "take_first", recording)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    async with started(km) as kc:
+        assert forked_from_a_standby(km.provisioner.remote_pid)
+        reply, _ = await run(kc, "1")
+        assert reply["status"] == "ok"
+    assert taken[0] == (Standby.command(km.provisioner.remote_python), True)
+
+
 @pytest.mark.parametrize(
     ("config", "env"),
     [({"preload_kernel": False}, {}), ({}, {"PYTHONSAFEPATH": "1"})],

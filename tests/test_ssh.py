@@ -3,7 +3,8 @@
 
 With paramiko's internals, the service request, the userauth request and the first
 command's session channel go out in one flight (two round trips fewer than paramiko's
-own way); with its public API only, each waits for the answer before. Channel data out is
+own way), and the exec of a command named at the connect behind them (one more); with its
+public API only, each waits for the answer before. Channel data out is
 encrypted by our own AES-GCM fast path (``_packetizer``) or by paramiko's: sshd accepting
 it, and a hash of what it passed on, checks the bytes on the wire.
 """
@@ -22,6 +23,7 @@ from conftest import running_instance
 from paramiko.common import (
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_OPEN,
+    MSG_CHANNEL_REQUEST,
     MSG_SERVICE_ACCEPT,
     MSG_SERVICE_REQUEST,
     MSG_USERAUTH_REQUEST,
@@ -29,7 +31,7 @@ from paramiko.common import (
 )
 
 from flexai_provisioner import _packetizer, _paramiko
-from flexai_provisioner.errors import SSHAuthenticationError, SSHError
+from flexai_provisioner.errors import SSHAuthenticationError, SSHError, SSHTimeoutError
 from flexai_provisioner.gpu_platform import SSHEndpoint
 from flexai_provisioner.ssh import KeyPair, SSHConnection, connect, generate_keypair, send_data
 
@@ -39,6 +41,7 @@ WATCHED = {
     MSG_USERAUTH_REQUEST: "userauth request",
     MSG_USERAUTH_SUCCESS: "userauth success",
     MSG_CHANNEL_OPEN: "channel open",
+    MSG_CHANNEL_REQUEST: "channel request",
 }
 
 
@@ -74,7 +77,7 @@ def packets(monkeypatch) -> list[str]:
 
     def read_message(self):
         ptype, m = read(self)
-        if ptype in WATCHED:
+        if ptype in WATCHED and ptype != MSG_CHANNEL_REQUEST:  # not sshd's exit-status
             seen.append("<- " + WATCHED[ptype])
         return ptype, m
 
@@ -83,14 +86,14 @@ def packets(monkeypatch) -> list[str]:
     return seen
 
 
-def run(conn, command: str) -> bytes:
+def run(conn, command: str, status: int = 0) -> bytes:
     chan = conn.exec(command)
     try:
         chan.settimeout(30)
         out = b""
         while data := chan.recv(65536):
             out += data
-        assert chan.recv_exit_status() == 0
+        assert chan.recv_exit_status() == status
         return out
     finally:
         chan.close()
@@ -106,18 +109,63 @@ def test_the_login_and_the_first_channel_go_in_one_flight(instance, public, pack
         conn.close()
     sent_first = ["-> service request", "-> userauth request", "-> channel open"]
     if public:  # paramiko's way: each request once the one before is answered
-        assert packets[:6] == [
+        assert packets[:7] == [
             "-> service request",
             "<- service accept",
             "-> userauth request",
             "<- userauth success",
             "-> channel open",
+            "-> channel request",
             "-> channel open",
         ]
     else:
         assert packets[:3] == sent_first
         assert packets[3:5] == ["<- service accept", "<- userauth success"]
         assert packets.count("-> channel open") == 2
+
+
+def test_the_first_command_named_goes_with_the_login(instance, public, packets):
+    endpoint, key = instance
+    conn = connect(endpoint, key, connect_timeout=10, first_command="echo first")
+    try:
+        assert run(conn, "echo first") == b"first\n"
+    finally:
+        conn.close()
+    login = ["-> service request", "-> userauth request", "-> channel open"]
+    if public:  # paramiko's way: the exec once the channel is confirmed
+        assert packets.index("-> channel request") > packets.index("<- userauth success")
+    else:
+        assert packets[:4] == [*login, "-> channel request"]
+    assert packets.count("-> channel open") == 1
+
+
+def test_other_commands_get_channels_of_their_own(instance, public):
+    """The channel whose exec went with the login is the first command's alone, whenever it
+    runs; a command that fails there reports its status as anywhere else."""
+    endpoint, key = instance
+    conn = connect(endpoint, key, connect_timeout=10, first_command="echo first; exit 3")
+    try:
+        assert run(conn, "echo other") == b"other\n"
+        assert run(conn, "echo first; exit 3", status=3) == b"first\n"
+        assert run(conn, "echo first; exit 3", status=3) == b"first\n"  # a new channel
+    finally:
+        conn.close()
+
+
+def test_a_first_channel_numbered_otherwise_fails_without_waiting(instance, monkeypatch):
+    """OpenSSH numbers a connection's first channel 0, where the exec sent with the login
+    goes; a server that did otherwise would end the connection (as sshd does for an exec to
+    another number, even before the login's answer): the connect or the exec fails then, it
+    does not wait for an answer."""
+    monkeypatch.setattr(_paramiko, "_FIRST_CHANNEL", 1)
+    endpoint, key = instance
+    with pytest.raises(SSHError) as caught:
+        conn = connect(endpoint, key, connect_timeout=10, first_command="echo first")
+        try:
+            conn.exec("echo first")
+        finally:
+            conn.close()
+    assert not isinstance(caught.value, SSHTimeoutError)
 
 
 def test_a_key_the_instance_does_not_know_is_refused_clearly(instance, public, packets):
