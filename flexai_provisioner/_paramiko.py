@@ -130,8 +130,7 @@ class _SinkTransport(paramiko.Transport):
         MSG_CHANNEL_DATA: _on_channel_data,
     }
     _ahead: Future[paramiko.Channel] | None = None  # the session opened behind the login
-    first_command: str | None = None  # to exec in it, if sshd is OpenSSH
-    _exec_sent: str | None = None  # the command exec'd behind the open, until taken
+    first_command: str | None = None  # exec'd in it if sshd is OpenSSH (else None), until taken
     _behind_open: paramiko.Message | None = None  # to send right behind the next open
     _first_channel: paramiko.Channel | None = None  # the open it went behind
 
@@ -156,8 +155,9 @@ class _SinkTransport(paramiko.Transport):
         will give it: one more round trip saved, and sshd's Nagle wait on the confirmation
         (it sets TCP_NODELAY at a session's first exec, which flushes what it held)."""
         done, self._ahead = threading.Event(), Future()
-        if self.first_command is not None and self.remote_version.startswith("SSH-2.0-OpenSSH_"):
-            self._exec_sent = self.first_command
+        if not self.remote_version.startswith("SSH-2.0-OpenSSH_"):
+            self.first_command = None
+        if self.first_command is not None:
             self._behind_open = _exec_request(_FIRST_CHANNEL, self.first_command)
         auth = self.auth_handler = paramiko.AuthHandler(self)
         auth._parse_service_accept = lambda _m: None  # type: ignore[method-assign] # see below
@@ -190,9 +190,9 @@ class _SinkTransport(paramiko.Transport):
     def take_first(self, command: str, timeout: float) -> paramiko.Channel | None:
         """See :func:`exec_ahead`."""
         with self.lock:
-            if self._exec_sent != command or self._ahead is None:
+            if self.first_command != command or self._ahead is None:
                 return None
-            ahead, self._ahead, self._exec_sent = self._ahead, None, None
+            ahead, self._ahead, self.first_command = self._ahead, None, None
         chan = ahead.result(timeout)
         try:
             if chan.remote_chanid != _FIRST_CHANNEL:
@@ -214,7 +214,7 @@ class _SinkTransport(paramiko.Transport):
         one (ssh.py's are all alike)."""
         with self.lock:
             ahead = None
-            if self._exec_sent is None:
+            if self.first_command is None:
                 ahead, self._ahead = self._ahead, None
         if ahead is not None:
             try:
