@@ -19,7 +19,7 @@ def _parent(msg: dict[str, Any]) -> str | None:
     return msg.get("parent_header", {}).get("msg_id")
 
 
-async def wait_ready(kc: AsyncKernelClient) -> None:
+async def wait_ready(kc: AsyncKernelClient, name: str) -> None:
     """Until the first kernel_info reply (re-asked every 2 s in case a request was lost)."""
     deadline = time.monotonic() + TIMEOUT
     asked: set[str] = set()
@@ -32,7 +32,7 @@ async def wait_ready(kc: AsyncKernelClient) -> None:
                     return
         except Empty:
             continue
-    raise TimeoutError("no kernel_info reply")
+    raise TimeoutError(f"no kernel_info reply from {name} in {TIMEOUT:g} s")
 
 
 async def drain_iopub(kc: AsyncKernelClient, quiet: float = 0.05) -> None:
@@ -57,7 +57,7 @@ async def start_phases(
     # As jupyter_server's websocket bridge: the manager's shared context, no heartbeat thread.
     kc = km.client(context=kernels.context)
     kc.start_channels(hb=False)
-    await wait_ready(kc)
+    await wait_ready(kc, name)
     ready = time.perf_counter() - t0
     await drain_iopub(kc)
     return km, kc, started, ready
@@ -81,7 +81,7 @@ async def restart(km: AsyncKernelManager, kc: Any) -> float:
     """restart_kernel → the new kernel's first kernel_info reply, through the same client."""
     t0 = time.perf_counter()
     await asyncio.wait_for(km.restart_kernel(), TIMEOUT)
-    await wait_ready(kc)
+    await wait_ready(kc, km.kernel_name)
     elapsed = time.perf_counter() - t0
     await drain_iopub(kc)
     return elapsed

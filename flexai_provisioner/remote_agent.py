@@ -44,7 +44,13 @@ except ImportError:  # not CPython
 # (No contextlib.suppress: importing contextlib costs this agent's start-up a few ms.)
 if "fork_kernel" not in globals():
     try:  # noqa: SIM105
-        from flexai_provisioner.remote_fork import fork_kernel, forkable, preload, wait_bound
+        from flexai_provisioner.remote_fork import (
+            fork_kernel,
+            forkable,
+            preload,
+            preload_startup,
+            wait_bound,
+        )
     except ImportError:
         pass
 
@@ -359,6 +365,8 @@ def main():
         held = reserve_ports(len(PORT_NAMES), backlog=64)
         emit({"ports": port_map(held)})
         preloaded = preload()
+        if preloaded and not lines.pending() and not select.select([0], [], [], 0)[0]:
+            preload_startup()  # not asked for yet
         spec = lines.read()
         if spec is not None:  # None: the standby was closed before it was needed
             launch(spec, lines, preloaded, held)

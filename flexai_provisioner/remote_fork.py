@@ -1,10 +1,12 @@
 """The fork server half of the kernel agent, sent ahead of ``remote_agent.py``'s source in its
 ``preload`` mode (and only then: ``launch`` and ``attach`` start faster without it).
 
-A standby agent imports ipykernel before its kernel is asked for (:func:`preload`), then forks
+A standby agent imports ipykernel before its kernel is asked for (:func:`preload`), and while
+it still waits, what the kernel imports as it starts (:func:`preload_startup`); then it forks
 the kernel from itself (:func:`fork_kernel`), which costs the kernel its set-up and not its
-~0.3 s of imports. It forks only what ``python -m ipykernel_launcher`` with the same Python
-and no PYTHON* variables would run, while it has a single thread (:func:`forkable`). The fork's
+~0.4 s of imports. It forks only what ``python -m ipykernel_launcher`` with the same Python
+would run: the kernel's env may differ in no PYTHON* variable and in none that Python code
+read while importing, and the agent must have a single thread (:func:`forkable`). The fork's
 ZeroMQ sockets take over the agent's listening sockets (:func:`hand_over`), so connections made
 to the kernel's ports before it runs wait in their backlog instead of being refused.
 
@@ -16,8 +18,22 @@ import select
 import signal
 import sys
 import time
+from collections.abc import MutableMapping
+from contextlib import contextmanager, suppress
 
 PRELOADED = "ipykernel_launcher"
+# What IPKernelApp.initialize imports, past what ipykernel_launcher does: debugpy's ~0.1 s
+# for the debugger above all. Absent or broken ones are left for the kernel to meet itself.
+STARTUP_IMPORTS = (
+    "ipykernel.debugger",
+    "IPython.core.debugger",
+    "IPython.core.completerlib",
+    "IPython.extensions.storemagic",
+    "sqlite3",
+    "psutil",
+)
+
+_read = set()  # environment variables read while importing: the imports may keep their values
 
 
 def preload():
@@ -26,11 +42,58 @@ def preload():
     if sys.implementation.name != "cpython":  # forking an interpreter is only known safe there
         return False
     try:
-        import ipykernel.kernelapp  # noqa: F401 - imported to be inherited by forks
-        import zmq
+        with _noting_reads():
+            import ipykernel.kernelapp  # noqa: F401 - imported to be inherited by forks
+            import zmq
     except Exception:
         return False
     return hasattr(zmq, "USE_FD")
+
+
+def preload_startup():
+    """Import what the kernel imports as it starts (for a standby with time to spare: a
+    kernel that is waited for does the same imports itself, no later)."""
+    for name in STARTUP_IMPORTS:
+        with suppress(Exception), _noting_reads():
+            __import__(name)
+
+
+class _NotingEnviron(MutableMapping):
+    """``os.environ``'s stand-in while importing: each variable read goes into ``_read``."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getitem__(self, name):
+        if isinstance(name, str):
+            _read.add(name)
+        return self.real[name]
+
+    def __setitem__(self, name, value):
+        self.real[name] = value
+
+    def __delitem__(self, name):
+        del self.real[name]
+
+    def __iter__(self):
+        return iter(self.real)
+
+    def __len__(self):
+        return len(self.real)
+
+    def copy(self):
+        return self.real.copy()
+
+
+@contextmanager
+def _noting_reads():
+    real = os.environ
+    # Rebinding, not clearing, is the point: os.getenv reads the name too.
+    os.environ = _NotingEnviron(real)  # noqa: B003
+    try:
+        yield
+    finally:
+        os.environ = real  # noqa: B003
 
 
 def forkable(argv, env, find_executable):
@@ -41,6 +104,8 @@ def forkable(argv, env, find_executable):
         name.startswith("PYTHON") and os.environ.get(name) != value for name, value in env.items()
     ):
         return False  # they act at interpreter start-up, which a fork skips
+    if any(env.get(name) != os.environ.get(name) for name in _read):
+        return False  # the preloaded modules may hold the agent's value
     try:
         executable = find_executable(argv[0], env)
     except OSError:

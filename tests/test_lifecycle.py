@@ -162,6 +162,10 @@ async def test_kernels_are_forked_from_a_preloaded_standby(emulator, kernelspecs
             assert out.split() == ["ipykernel_launcher.py", "kernelspec-env"]
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def agents_in_preload_mode(emulator) -> set[int]:
     """The instance's processes started as standbys: kernels forked from one and the agents
     that forked and watch them as well as a standby waiting for its kernel."""
@@ -189,11 +193,107 @@ async def test_the_next_standby_waits_for_the_new_kernel_to_have_started(
         await km.restart_kernel()
         await kc.wait_for_ready(timeout=60)
         kernel = km.provisioner.remote_pid
-        agent = int(Path(f"/proc/{kernel}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        agent = parent_of(kernel)
         await until_async(
             lambda: agents_in_preload_mode(emulator) - before - {kernel, agent},
             "the next kernel's standby",
         )
+
+
+async def a_fully_preloaded_standby(emulator, km) -> int:
+    """The pid of the next kernel's standby once it has also imported what a kernel imports
+    as it starts (psutil comes last; its C extension shows in the process's memory map)."""
+    kernel = km.provisioner.remote_pid
+    agent = parent_of(kernel)
+
+    def preloaded() -> int | None:
+        for pid in agents_in_preload_mode(emulator) - {kernel, agent}:
+            with contextlib.suppress(OSError):
+                if "_psutil_linux" in Path(f"/proc/{pid}/maps").read_text():
+                    return pid
+        return None
+
+    return await until_async(preloaded, "a standby with the kernel's start-up imports")
+
+
+async def debug(kc, command: str, arguments: dict | None = None) -> dict:
+    """Send a Debug Adapter Protocol request on the control channel; its response."""
+    msg = kc.session.msg(
+        "debug_request",
+        {"type": "request", "seq": 1, "command": command, "arguments": arguments or {}},
+    )
+    kc.control_channel.send(msg)
+    while True:
+        reply = await kc.control_channel.get_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+            return reply["content"]
+
+
+async def stops_at_a_breakpoint(kc) -> int:
+    """What JupyterLab's debugger does for a breakpoint in a cell; the line it stopped at."""
+    initialized = await debug(kc, "initialize", {"clientID": "test", "adapterID": ""})
+    assert initialized["success"], initialized
+    assert (await debug(kc, "attach"))["success"]
+    code = "def f(a, b):\n    c = a + b\n    return c\n\nf(2, 3)\n"
+    source = (await debug(kc, "dumpCell", {"code": code}))["body"]["sourcePath"]
+    breakpoints = {"breakpoints": [{"line": 2}], "source": {"path": source}}
+    assert (await debug(kc, "setBreakpoints", breakpoints))["success"]
+    assert (await debug(kc, "configurationDone"))["success"]
+    kc.execute(code)
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        if msg["msg_type"] == "debug_event" and msg["content"]["event"] == "stopped":
+            break
+    thread = msg["content"]["body"]["threadId"]
+    frames = (await debug(kc, "stackTrace", {"threadId": thread}))["body"]["stackFrames"]
+    assert (await debug(kc, "continue", {"threadId": thread}))["success"]
+    assert (await debug(kc, "disconnect", {"terminateDebuggee": True}))["success"]
+    return frames[0]["line"]
+
+
+async def test_the_debugger_works_in_kernels_forked_from_a_standby(
+    emulator, kernelspecs, monkeypatch
+):
+    """A waiting standby has debugpy imported too (the kernel's start-up imports), and a
+    kernel forked from it, or from the first start's standby, debugs as a new process does."""
+    from flexai_provisioner import kernel_link
+
+    monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 0.0)
+    km = AsyncKernelManager(kernel_name="flexai-a100")
+    async with started(km) as kc:
+        assert forked_from_a_standby(km.provisioner.remote_pid)
+        assert await stops_at_a_breakpoint(kc) == 2
+        standby = await a_fully_preloaded_standby(emulator, km)
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        kernel = km.provisioner.remote_pid
+        assert forked_from_a_standby(kernel)
+        assert parent_of(kernel) == standby
+        assert await stops_at_a_breakpoint(kc) == 2
+
+
+async def test_a_kernel_whose_env_differs_in_what_the_standbys_imports_read_is_a_new_process(
+    emulator, kernelspecs, monkeypatch
+):
+    """debugpy reads PYDEVD_* variables as it is imported, in a standby with time to spare:
+    a kernelspec that sets one gets a new process, which imports with its value."""
+    from flexai_provisioner import kernel_link
+
+    monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 0.0)
+    kernelspecs.add("flexai-pydevd", {}, env={"PYDEVD_CONTAINER_BUCKET_SIZE": "7"})
+    km = AsyncKernelManager(kernel_name="flexai-pydevd")
+    async with started(km) as kc:
+        await a_fully_preloaded_standby(emulator, km)
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        assert not forked_from_a_standby(km.provisioner.remote_pid)
+        reply, out = await run(
+            kc,
+            "from _pydevd_bundle import pydevd_constants\n"
+            "print(pydevd_constants.PYDEVD_CONTAINER_BUCKET_SIZE)",
+        )
+        assert reply["status"] == "ok"
+        assert out.strip() == "7"
 
 
 @pytest.mark.parametrize("public", [False, True], ids=["internals", "public-api"])
