@@ -160,7 +160,7 @@ class PeerTunnel:
         kc = AsyncKernelClient(context=kernels.context)
         kc.load_connection_info({**info, **dict(zip(PORTS, local_ports, strict=True))})
         kc.start_channels(hb=False)
-        await wait_ready(kc, "the peer (paramiko tunnel)")
+        await wait_ready(km, kc, "the peer (a local kernel through its paramiko tunnel)")
         ready = time.perf_counter() - t0
         await drain_iopub(kc)
         return km, kc, started, ready

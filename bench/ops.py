@@ -19,8 +19,10 @@ def _parent(msg: dict[str, Any]) -> str | None:
     return msg.get("parent_header", {}).get("msg_id")
 
 
-async def wait_ready(kc: AsyncKernelClient, name: str) -> None:
-    """Until the first kernel_info reply (re-asked every 2 s in case a request was lost)."""
+async def wait_ready(km: AsyncKernelManager, kc: AsyncKernelClient, what: str = "") -> None:
+    """Until the first kernel_info reply (re-asked every 2 s in case a request was lost);
+    a kernel that dies first fails the run at once, saying so."""
+    name = what or km.kernel_name
     deadline = time.monotonic() + TIMEOUT
     asked: set[str] = set()
     while time.monotonic() < deadline:
@@ -31,7 +33,8 @@ async def wait_ready(kc: AsyncKernelClient, name: str) -> None:
                 if msg["msg_type"] == "kernel_info_reply" and _parent(msg) in asked:
                     return
         except Empty:
-            continue
+            if not await km.is_alive():
+                raise RuntimeError(f"{name} died before its first kernel_info reply") from None
     raise TimeoutError(f"no kernel_info reply from {name} in {TIMEOUT:g} s")
 
 
@@ -57,7 +60,7 @@ async def start_phases(
     # As jupyter_server's websocket bridge: the manager's shared context, no heartbeat thread.
     kc = km.client(context=kernels.context)
     kc.start_channels(hb=False)
-    await wait_ready(kc, name)
+    await wait_ready(km, kc)
     ready = time.perf_counter() - t0
     await drain_iopub(kc)
     return km, kc, started, ready
@@ -81,7 +84,7 @@ async def restart(km: AsyncKernelManager, kc: Any) -> float:
     """restart_kernel → the new kernel's first kernel_info reply, through the same client."""
     t0 = time.perf_counter()
     await asyncio.wait_for(km.restart_kernel(), TIMEOUT)
-    await wait_ready(kc, km.kernel_name)
+    await wait_ready(km, kc)
     elapsed = time.perf_counter() - t0
     await drain_iopub(kc)
     return elapsed
