@@ -30,12 +30,6 @@ from .tunnel import Tunnel
 
 PORT_NAMES = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
 
-#: Seconds after a kernel's launch before the next kernel's standby is started (at the
-#: supervisor's next tick): its import of ipykernel (~0.3 s of CPU) would otherwise compete
-#: with the new kernel's own start, which its first reply waits for (~90 ms of a start on the
-#: emulator's two shared cores). A restart sooner than that starts the standby itself.
-STANDBY_DELAY = 0.5
-
 
 class Phase(Protocol):
     """Reports a start's phase by name, with an optional detail ("12.3 MB in 40 files")."""
@@ -64,8 +58,7 @@ class KernelLink:
         self.tunnel: Tunnel | None = None
         self.kernel: RemoteKernel | None = None
         self._standby: Future[Standby] | None = None  # the next kernel's agent, preloading
-        self._standby_due: float | None = None  # when to start it (monotonic clock)
-        self._standby_lock = threading.Lock()  # the supervisor's tick starts it too
+        self._standby_lock = threading.Lock()  # launches and reconnects start it, teardown drops it
         self.lost_reason: str | None = None  # set when the instance cannot be reached again
         self._cancelled = threading.Event()  # set to abandon a start or a reconnect
         self._reconnecting = False
@@ -130,8 +123,7 @@ class KernelLink:
         """
         assert self.conn is not None and self.tunnel is not None
         key = connection_info.get("key", "")
-        if self._standby_due is not None:  # a restart before the next standby was started
-            self._prepare_standby()
+        self._prepare_standby()  # unless there is one: a restart forks from one
         standby = self._take_standby()
         if standby is not None:  # its ports listen already: the forwards open meanwhile
             self.tunnel.preopen(self.conn.transport, standby.ports)
@@ -150,16 +142,17 @@ class KernelLink:
             standby=standby,
         )
         self.tunnel.retarget(self.conn.transport, self.kernel.ports)
-        self._standby_due = time.monotonic() + STANDBY_DELAY  # for the next restart
+        # For the next restart: it imports once this kernel has started (see Standby).
+        self._prepare_standby(after=self.kernel.pid)
 
-    def _prepare_standby(self) -> None:
-        """Start the next kernel's agent in the background, preloading ipykernel."""
-        conn = self.conn
+    def _prepare_standby(self, after: int | None = None) -> None:
+        """Start the next kernel's agent in the background, preloading ipykernel once the
+        process ``after`` (if any) has settled."""
+        conn, python = self.conn, self.settings.remote_python
         with self._standby_lock:
-            self._standby_due = None
             if not self.settings.preload_kernel or conn is None or self._standby is not None:
                 return
-            self._standby = executor.submit(lambda: Standby.open(conn, self.settings.remote_python))
+            self._standby = executor.submit(lambda: Standby.open(conn, python, after=after))
 
     def _take_standby(self) -> Standby | None:
         """The standby, once it is open, if opening it worked (else a new agent does)."""
@@ -176,7 +169,7 @@ class KernelLink:
     def _drop_standby(self) -> None:
         """Close the standby's channel, now or once it is open: its agent then leaves."""
         with self._standby_lock:
-            future, self._standby, self._standby_due = self._standby, None, None
+            future, self._standby = self._standby, None
         if future is not None:
             future.add_done_callback(_close_standby)
 
@@ -248,12 +241,8 @@ class KernelLink:
         return self.kernel.poll()
 
     def _watch_link(self, now: float) -> None:
-        """Supervisor work: ping the agent when due; replace a dead link; start the next
-        kernel's standby when due. Must not block."""
+        """Supervisor work: ping the agent when due; replace a dead link. Must not block."""
         self._check_link(now)
-        due = self._standby_due
-        if due is not None and now >= due and self.connected:
-            self._prepare_standby()
         if (
             self.conn is not None
             and not self.conn.is_active()

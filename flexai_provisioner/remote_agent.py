@@ -9,7 +9,8 @@ line on stdin:
 ``attach``  ``{"pid": N}``: print ``{"pid": N}`` if that kernel still runs, else its exit.
 ``preload`` as ``launch``, but started ahead of need (a standby for the next start or
             restart), with ``remote_fork.py``'s source sent ahead of this one: it listens on
-            five ports and prints ``{"ports"}`` at once, imports ipykernel, reads its spec,
+            five ports and prints ``{"ports"}`` at once, imports ipykernel (``preload PID``:
+            once the kernel PID, just launched, has settled), reads its spec,
             then forks the kernel from itself, the fork's ZeroMQ sockets taking the
             listening ones over; a kernel it cannot fork it starts as ``launch`` does.
 
@@ -50,6 +51,7 @@ if "fork_kernel" not in globals():
             preload,
             preload_startup,
             wait_bound,
+            wait_settled,
         )
     except ImportError:
         pass
@@ -364,6 +366,8 @@ def main():
     if mode == "preload":
         held = reserve_ports(len(PORT_NAMES), backlog=64)
         emit({"ports": port_map(held)})
+        if len(sys.argv) > 2:
+            wait_settled(int(sys.argv[2]))
         preloaded = preload()
         if preloaded and not lines.pending() and not select.select([0], [], [], 0)[0]:
             preload_startup()  # not asked for yet

@@ -2,13 +2,15 @@
 ``preload`` mode (and only then: ``launch`` and ``attach`` start faster without it).
 
 A standby agent imports ipykernel before its kernel is asked for (:func:`preload`), and while
-it still waits, what the kernel imports as it starts (:func:`preload_startup`); then it forks
-the kernel from itself (:func:`fork_kernel`), which costs the kernel its set-up and not its
-~0.4 s of imports. It forks only what ``python -m ipykernel_launcher`` with the same Python
-would run: the kernel's env may differ in no PYTHON* variable and in none that Python code
-read while importing, and the agent must have a single thread (:func:`forkable`). The fork's
-ZeroMQ sockets take over the agent's listening sockets (:func:`hand_over`), so connections made
-to the kernel's ports before it runs wait in their backlog instead of being refused.
+it still waits, what the kernel imports as it starts (:func:`preload_startup`); one started
+beside a kernel that is just starting first waits for it to settle (:func:`wait_settled`),
+so as not to slow that start down. Then it forks the kernel from itself (:func:`fork_kernel`),
+which costs the kernel its set-up and not its ~0.4 s of imports. It forks only what ``python
+-m ipykernel_launcher`` with the same Python would run: the kernel's env may differ in no
+PYTHON* variable and in none that Python code read while importing, and the agent must have
+a single thread (:func:`forkable`). The fork's ZeroMQ sockets take over the agent's listening
+sockets (:func:`hand_over`), so connections made to the kernel's ports before it runs wait in
+their backlog instead of being refused.
 
 Like the agent, it needs nothing but the instance's Python (3.8 or later) and ipykernel.
 """
@@ -34,6 +36,28 @@ STARTUP_IMPORTS = (
 )
 
 _read = set()  # environment variables read while importing: the imports may keep their values
+
+
+def wait_settled(pid, quiet=0.05, most=5.0):
+    """Until process ``pid`` has slept, using no CPU, for ``quiet`` seconds (a kernel that has
+    started and waits for requests) or has exited, for ``most`` seconds at most, or until a
+    kernel is asked for on stdin."""
+    deadline = time.monotonic() + most
+    used, since = None, time.monotonic()
+    while not select.select([0], [], [], 0.01)[0]:
+        now = time.monotonic()
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return
+        if fields[0] == b"Z":
+            return
+        total = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        if fields[0] != b"S" or total != used:  # runnable (maybe preempted), or it ran
+            used, since = total, now
+        if now - since >= quiet or now >= deadline:
+            return
 
 
 def preload():

@@ -44,14 +44,18 @@ class Standby:
         self._buf = buf
 
     @staticmethod
-    def command(python: str) -> str:
+    def command(python: str, after: int | None = None) -> str:
         """What :meth:`open` execs (for :class:`SSHConnection`'s ``first_command``)."""
-        return _agent_command(python, "preload")
+        return _agent_command(python, "preload") + ("" if after is None else f" {after:d}")
 
     @classmethod
-    def open(cls, conn: SSHConnection, python: str, timeout: float = 30.0) -> Standby:
-        """Start one, and read the ports it listens on."""
-        chan = conn.exec(cls.command(python))
+    def open(
+        cls, conn: SSHConnection, python: str, after: int | None = None, timeout: float = 30.0
+    ) -> Standby:
+        """Start one, and read the ports it listens on. With ``after`` (a kernel that was just
+        launched), it imports only once that process has settled, so as not to compete with
+        its start for the instance's CPU, or at once if its kernel is asked for first."""
+        chan = conn.exec(cls.command(python, after))
         try:
             with errors_mapped("the standby kernel agent's channel failed"):
                 line, rest = _read_line(chan, timeout)

@@ -140,8 +140,9 @@ async def test_restarts_and_shutdown_open_no_channel_the_old_kernel_refuses(
 
 
 def forked_from_a_standby(pid: int) -> bool:
-    """A forked kernel keeps its parent's command line: the agent's, in ``preload`` mode."""
-    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:-1] == [b"preload"]
+    """A forked kernel keeps its parent's command line: the agent's, in ``preload`` mode
+    (``python -c SOURCE preload [PID]``)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:4] == [b"preload"]
 
 
 KERNEL_FACTS = "import os, sys; print(os.path.basename(sys.argv[0]), os.environ.get('MARK'))"
@@ -172,32 +173,35 @@ def agents_in_preload_mode(emulator) -> set[int]:
     return {p for p in emulator.processes() if forked_from_a_standby(p)}
 
 
-async def test_the_next_standby_waits_for_the_new_kernel_to_have_started(
-    emulator, kernelspecs, monkeypatch
-):
-    """The next kernel's standby imports ipykernel only once the new kernel is up, so the two
-    do not compete for the instance's CPU; a restart before that starts it itself."""
-    from flexai_provisioner import kernel_link
+def maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
 
-    monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 3600.0)
+
+async def test_the_next_standby_imports_once_the_new_kernel_has_settled(emulator, kernelspecs):
+    """The next kernel's standby starts with the kernel's launch but imports ipykernel only
+    once that kernel has done its start-up work (here 4 s of it, in exec_lines), so the two
+    do not compete for the instance's CPU; then it is ready for a restart."""
     km = AsyncKernelManager(kernel_name="flexai-a100")
-    async with started(km) as kc:
-        reply, _ = await run(kc, "1")
-        assert reply["status"] == "ok"
-        assert len(agents_in_preload_mode(emulator)) == 2  # the kernel and its agent alone
-        await km.restart_kernel()  # long before the next standby is due
-        await kc.wait_for_ready(timeout=60)
-        assert forked_from_a_standby(km.provisioner.remote_pid)
-        monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 0.0)
-        before = agents_in_preload_mode(emulator)
-        await km.restart_kernel()
-        await kc.wait_for_ready(timeout=60)
+    busy = "import time\nt0 = time.time()\nwhile time.time() - t0 < 4: pass"
+    await km.start_kernel(extra_arguments=[f"--IPKernelApp.exec_lines={busy}"])
+    try:
         kernel = km.provisioner.remote_pid
         agent = parent_of(kernel)
-        await until_async(
-            lambda: agents_in_preload_mode(emulator) - before - {kernel, agent},
+        standby = await until_async(
+            lambda: next(iter(agents_in_preload_mode(emulator) - {kernel, agent}), None),
             "the next kernel's standby",
         )
+        after = Path(f"/proc/{standby}/cmdline").read_bytes().split(b"\0")[4]
+        assert after == str(kernel).encode()  # it waits for this kernel
+        await asyncio.sleep(1)  # the kernel is still busy
+        assert "libzmq" not in maps(standby) and "_zmq" not in maps(standby)
+        async with connected_client(km) as kc:
+            assert await a_fully_preloaded_standby(emulator, km) == standby
+            await km.restart_kernel()
+            await kc.wait_for_ready(timeout=60)
+            assert parent_of(km.provisioner.remote_pid) == standby
+    finally:
+        await km.shutdown_kernel(now=True)
 
 
 async def a_fully_preloaded_standby(emulator, km) -> int:
@@ -209,7 +213,7 @@ async def a_fully_preloaded_standby(emulator, km) -> int:
     def preloaded() -> int | None:
         for pid in agents_in_preload_mode(emulator) - {kernel, agent}:
             with contextlib.suppress(OSError):
-                if "_psutil_linux" in Path(f"/proc/{pid}/maps").read_text():
+                if "_psutil_linux" in maps(pid):
                     return pid
         return None
 
@@ -251,14 +255,9 @@ async def stops_at_a_breakpoint(kc) -> int:
     return frames[0]["line"]
 
 
-async def test_the_debugger_works_in_kernels_forked_from_a_standby(
-    emulator, kernelspecs, monkeypatch
-):
+async def test_the_debugger_works_in_kernels_forked_from_a_standby(emulator, kernelspecs):
     """A waiting standby has debugpy imported too (the kernel's start-up imports), and a
     kernel forked from it, or from the first start's standby, debugs as a new process does."""
-    from flexai_provisioner import kernel_link
-
-    monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 0.0)
     km = AsyncKernelManager(kernel_name="flexai-a100")
     async with started(km) as kc:
         assert forked_from_a_standby(km.provisioner.remote_pid)
@@ -273,13 +272,10 @@ async def test_the_debugger_works_in_kernels_forked_from_a_standby(
 
 
 async def test_a_kernel_whose_env_differs_in_what_the_standbys_imports_read_is_a_new_process(
-    emulator, kernelspecs, monkeypatch
+    emulator, kernelspecs
 ):
     """debugpy reads PYDEVD_* variables as it is imported, in a standby with time to spare:
     a kernelspec that sets one gets a new process, which imports with its value."""
-    from flexai_provisioner import kernel_link
-
-    monkeypatch.setattr(kernel_link, "STANDBY_DELAY", 0.0)
     kernelspecs.add("flexai-pydevd", {}, env={"PYDEVD_CONTAINER_BUCKET_SIZE": "7"})
     km = AsyncKernelManager(kernel_name="flexai-pydevd")
     async with started(km) as kc:
