@@ -139,10 +139,14 @@ async def test_restarts_and_shutdown_open_no_channel_the_old_kernel_refuses(
     assert refused == []
 
 
+def agent_args(pid: int) -> list[bytes]:
+    """A process's command line; an agent's is ``python -c SOURCE MODE [PID]``."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+
+
 def forked_from_a_standby(pid: int) -> bool:
-    """A forked kernel keeps its parent's command line: the agent's, in ``preload`` mode
-    (``python -c SOURCE preload [PID]``)."""
-    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:4] == [b"preload"]
+    """A forked kernel keeps its parent's command line: the agent's, in ``preload`` mode."""
+    return agent_args(pid)[3:4] == [b"preload"]
 
 
 KERNEL_FACTS = "import os, sys; print(os.path.basename(sys.argv[0]), os.environ.get('MARK'))"
@@ -177,6 +181,12 @@ def maps(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
+def next_standbys(emulator, km) -> set[int]:
+    """The standbys waiting for ``km``'s next kernel: neither its kernel nor that one's agent."""
+    kernel = km.provisioner.remote_pid
+    return agents_in_preload_mode(emulator) - {kernel, parent_of(kernel)}
+
+
 async def test_the_next_standby_imports_once_the_new_kernel_has_settled(emulator, kernelspecs):
     """The next kernel's standby starts with the kernel's launch but imports ipykernel only
     once that kernel has done its start-up work (here 4 s of it, in exec_lines), so the two
@@ -186,13 +196,10 @@ async def test_the_next_standby_imports_once_the_new_kernel_has_settled(emulator
     await km.start_kernel(extra_arguments=[f"--IPKernelApp.exec_lines={busy}"])
     try:
         kernel = km.provisioner.remote_pid
-        agent = parent_of(kernel)
         standby = await until_async(
-            lambda: next(iter(agents_in_preload_mode(emulator) - {kernel, agent}), None),
-            "the next kernel's standby",
+            lambda: next(iter(next_standbys(emulator, km)), None), "the next kernel's standby"
         )
-        after = Path(f"/proc/{standby}/cmdline").read_bytes().split(b"\0")[4]
-        assert after == str(kernel).encode()  # it waits for this kernel
+        assert agent_args(standby)[4] == str(kernel).encode()  # it waits for this kernel
         await asyncio.sleep(1)  # the kernel is still busy
         assert "libzmq" not in maps(standby) and "_zmq" not in maps(standby)
         async with connected_client(km) as kc:
@@ -207,11 +214,9 @@ async def test_the_next_standby_imports_once_the_new_kernel_has_settled(emulator
 async def a_fully_preloaded_standby(emulator, km) -> int:
     """The pid of the next kernel's standby once it has also imported what a kernel imports
     as it starts (psutil comes last; its C extension shows in the process's memory map)."""
-    kernel = km.provisioner.remote_pid
-    agent = parent_of(kernel)
 
     def preloaded() -> int | None:
-        for pid in agents_in_preload_mode(emulator) - {kernel, agent}:
+        for pid in next_standbys(emulator, km):
             with contextlib.suppress(OSError):
                 if "_psutil_linux" in maps(pid):
                     return pid
