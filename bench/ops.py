@@ -4,7 +4,11 @@ stream output, shut down. Shared by the loopback run and the link run."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -13,6 +17,35 @@ from jupyter_client.manager import AsyncKernelManager
 from .harness import Empty, Kernels
 
 TIMEOUT = 120.0  # for any single step; a hang fails the run instead of stalling it
+
+
+class MachineCPU:
+    """CPU seconds this whole machine spent in measured steps, added up: busy (not idle or
+    waiting for I/O, whatever process) and in all (wall time times CPUs). Whatever the tunnel
+    costs (sshd, encryption, the relay) shows here, wherever it runs."""
+
+    def __init__(self) -> None:
+        self.busy = self.total = 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        busy, total = _cpu_seconds()
+        try:
+            yield
+        finally:
+            now_busy, now_total = _cpu_seconds()
+            self.busy += now_busy - busy
+            self.total += now_total - total
+
+    @property
+    def cores_busy(self) -> float:
+        return self.busy / self.total * (os.cpu_count() or 1) if self.total else 0.0
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
 
 
 def _parent(msg: dict[str, Any]) -> str | None:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import platform
 import signal
 import statistics
@@ -35,7 +36,7 @@ from .harness import (
 )
 from .link import LinkConfig, run_link
 from .link import table as link_table
-from .ops import last_samples, restart, rtts, shutdown, start_ready, throughput
+from .ops import MachineCPU, last_samples, restart, rtts, shutdown, start_ready, throughput
 from .warm import WarmConfig, run_warm
 from .warm import table as warm_table
 from .workspace import measure_workspace, workspace_line
@@ -116,19 +117,22 @@ async def measure_kinds(cfg: Config, kernels: Kernels, log: Any) -> dict[str, di
             else:
                 live[kind] = (km, kc)
         log(f"start {i + 1}/{cfg.starts}: " + last_samples(raw, "start"))
+    cpu = {kind: {"rtt": MachineCPU(), "throughput": MachineCPU()} for kind in kinds}
     for kind in kinds:
         raw[kind]["rtt"] = []
         await rtts(live[kind][1], 0, cfg.rtt_warmup)
     block = max(1, min(25, cfg.rtts // 4))
     while len(raw[LOCAL]["rtt"]) < cfg.rtts:  # interleaved blocks, so drift hurts both alike
         for kind in kinds:
-            raw[kind]["rtt"] += await rtts(live[kind][1], block, 0)
+            with cpu[kind]["rtt"].measure():
+                raw[kind]["rtt"] += await rtts(live[kind][1], block, 0)
     log("rtt ms: " + ", ".join(f"{k} {statistics.median(raw[k]['rtt']) * 1000:.3f}" for k in kinds))
     for kind in kinds:
         raw[kind]["throughput"] = []
     for _ in range(cfg.throughput_runs):
         for kind in kinds:
-            raw[kind]["throughput"].append(await throughput(live[kind][1], cfg.megabytes))
+            with cpu[kind]["throughput"].measure():
+                raw[kind]["throughput"].append(await throughput(live[kind][1], cfg.megabytes))
         log("throughput MB/s: " + last_samples(raw, "throughput", scale=1))
     for kind in kinds:
         raw[kind]["restart"] = []
@@ -143,6 +147,13 @@ async def measure_kinds(cfg: Config, kernels: Kernels, log: Any) -> dict[str, di
         if instance_id is not None and not _instance_deleted(instance_id):
             raise RuntimeError(f"instance {instance_id} outlived its kernel's shutdown")
     log("shutdown: " + last_samples(raw, "shutdown"))
+    for kind in kinds:
+        megabytes = cfg.megabytes * 1.048576 * cfg.throughput_runs
+        raw[kind]["cpu"] = {
+            "rtt_ms": round(cpu[kind]["rtt"].busy / len(raw[kind]["rtt"]) * 1000, 3),
+            "throughput_ms_per_mb": round(cpu[kind]["throughput"].busy / megabytes * 1000, 3),
+            "throughput_cores_busy": round(cpu[kind]["throughput"].cores_busy, 2),
+        }
     return raw
 
 
@@ -257,6 +268,24 @@ def table(figures: dict[str, Any], scale: dict[str, Any], details: dict[str, Any
     return "\n".join(rows)
 
 
+def cpu_line(cpu: dict[str, dict[str, float]]) -> str:
+    """The machine's CPU per round trip and per MB of output: what the tunnel adds to a kernel's
+    own cost, wherever it runs (ratios flexai/local)."""
+    local, flexai = cpu[LOCAL], cpu[FLEXAI]
+
+    def ratio(name: str) -> str:  # a tiny run can measure no CPU tick at all
+        return f"{flexai[name] / local[name]:.2f}x" if local[name] else "-"
+
+    return (
+        f"machine CPU: {local['rtt_ms']:.2f} / {flexai['rtt_ms']:.2f} ms per round trip "
+        f"({ratio('rtt_ms')}), {local['throughput_ms_per_mb']:.2f} / "
+        f"{flexai['throughput_ms_per_mb']:.2f} ms per MB of output "
+        f"({ratio('throughput_ms_per_mb')}) with "
+        f"{local['throughput_cores_busy']:.2f} / {flexai['throughput_cores_busy']:.2f} of "
+        f"{os.cpu_count()} CPUs busy (local / flexai)"
+    )
+
+
 def openssh_table(figures: dict[str, Any]) -> str:
     rows = [f"{'figure':<18}{'local':>10}{'openssh':>10}{'ratio':>9}"]
     for name, fig in figures.items():
@@ -350,15 +379,17 @@ async def run_loopback(cfg: Config, env: Environment, kernels: Kernels, log: Any
     figures, details = summarise(raw)
     details["scale_local"] = local_scale
     details["samples_ms"] = {
-        kind: {k: _ms(v) for k, v in raw[kind].items() if k not in ("rtt", "throughput")}
+        kind: {k: _ms(v) for k, v in raw[kind].items() if k not in ("rtt", "throughput", "cpu")}
         for kind in raw
     }
+    details["cpu"] = {kind: raw[kind]["cpu"] for kind in raw}
     details["throughput_mb_s"] = {kind: raw[kind]["throughput"] for kind in raw}
     if cfg.openssh:
         details["openssh"] = summarise(raw, OPENSSH)[0]
         details["scale_openssh"] = openssh_scale
     print(table(figures, scale, details))
-    print("\n" + workspace_line(workspace))
+    print("\n" + cpu_line(details["cpu"]))
+    print(workspace_line(workspace))
     if cfg.openssh:
         print("\nexperimental OpenSSH forwarder (ssh -L via a ControlMaster), same run:")
         print(openssh_table(details["openssh"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def test_quick_bench_writes_results(tmp_path: Path, extra: list[str]) -> None:
     # Resident memory can in principle shrink (freed arenas): only its type is checked.
     assert _number(scale["rss_mb_per_kernel"])
     _check_workspace(results["workspace"])
+    cpu = results["details"]["cpu"]
+    kinds = {"python3", "flexai-a100", *(["flexai-a100-openssh"] if "--openssh" in extra else [])}
+    assert set(cpu) == kinds
+    for kind in cpu.values():  # a tiny run may see no CPU tick at all: no zero is refused
+        assert set(kind) == {"rtt_ms", "throughput_ms_per_mb", "throughput_cores_busy"}
+        assert all(_number(v) and v >= 0 for v in kind.values()), kind
+        assert kind["throughput_cores_busy"] <= os.cpu_count()
+    assert "machine CPU:" in result.stdout
     assert "start" in result.stdout and "ratio" in result.stdout
     assert "workspace:" in result.stdout
     if "--no-link" in extra:
