@@ -10,7 +10,8 @@ line on stdin:
 ``preload`` as ``launch``, but started ahead of need (a standby for the next start or
             restart), with ``remote_fork.py``'s source sent ahead of this one: it listens on
             five ports and prints ``{"ports"}`` at once, imports ipykernel (``preload PID``:
-            once the kernel PID, just launched, has settled), reads its spec,
+            once the kernel PID, just launched, has settled; it leaves if its input ends
+            meanwhile), reads its spec,
             then forks the kernel from itself, the fork's ZeroMQ sockets taking the
             listening ones over; a kernel it cannot fork it starts as ``launch`` does.
 
@@ -124,6 +125,13 @@ class Lines:
 
     def pending(self):
         return b"\n" in self.buf
+
+    def at_end(self):
+        """Read what has come (call only when select() says stdin is readable): whether it
+        is the end of input."""
+        chunk = os.read(0, 65536)
+        self.buf += chunk
+        return not chunk
 
 
 def emit(obj):
@@ -368,6 +376,8 @@ def main():
         emit({"ports": port_map(held)})
         if len(sys.argv) > 2:
             wait_settled(int(sys.argv[2]))
+            if select.select([0], [], [], 0)[0] and lines.at_end():
+                return  # closed while it waited (shutdown, parking): nothing to import for
         preloaded = preload()
         if preloaded and not lines.pending() and not select.select([0], [], [], 0)[0]:
             preload_startup()  # not asked for yet

@@ -32,6 +32,8 @@ from flexai_provisioner import exit_cleanup
 from flexai_provisioner.client import FlexAIClient
 from flexai_provisioner.errors import SSHError, StartCancelledError
 from flexai_provisioner.provisioner import starting
+from flexai_provisioner.remote_kernel import Standby
+from flexai_provisioner.session import PORT_NAMES
 from flexai_provisioner.ssh import generate_keypair
 
 JUPYTER_FLEXAI = str(Path(sys.executable).with_name("jupyter-flexai"))
@@ -209,6 +211,28 @@ async def test_the_next_standby_imports_once_the_new_kernel_has_settled(emulator
             assert parent_of(km.provisioner.remote_pid) == standby
     finally:
         await km.shutdown_kernel(now=True)
+
+
+def test_a_standby_closed_while_its_kernel_settles_leaves_without_importing():
+    """Shutting down or parking a kernel that is still busy closes its waiting standby, which
+    then leaves at once instead of importing ipykernel first for nothing."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # every import, on stderr
+    standby = subprocess.Popen(
+        ["sh", "-c", Standby.command(sys.executable, after=busy.pid)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert set(json.loads(standby.stdout.readline())["ports"]) == set(PORT_NAMES)
+        standby.stdin.close()
+        assert standby.wait(timeout=30) == 0
+        imports = standby.stderr.read().decode()
+        assert "import time:" in imports
+        assert "ipykernel" not in imports and "zmq" not in imports
+    finally:
+        for process in (standby, busy):
+            process.kill()
+            process.wait()
 
 
 async def a_fully_preloaded_standby(emulator, km) -> int:
