@@ -45,6 +45,7 @@ from .ops import (
     last_samples,
     restart,
     rtts,
+    settle,
     shutdown,
     start_phases,
     throughput,
@@ -211,6 +212,7 @@ async def measure(cfg: LinkConfig, kernels: Kernels, peer: PeerTunnel, log: Any)
             else:
                 live[kind] = (km, kc)
         log(f"link start {i + 1}/{cfg.samples}: " + last_samples(raw, "first_reply"))
+    await settle()
     for kind in KINDS:
         await rtts(live[kind][1], 0, cfg.rtt_warmup)
     block = max(1, min(25, cfg.rtts // 4))

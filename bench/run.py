@@ -36,7 +36,16 @@ from .harness import (
 )
 from .link import LinkConfig, run_link
 from .link import table as link_table
-from .ops import MachineCPU, last_samples, restart, rtts, shutdown, start_ready, throughput
+from .ops import (
+    MachineCPU,
+    last_samples,
+    restart,
+    rtts,
+    settle,
+    shutdown,
+    start_ready,
+    throughput,
+)
 from .warm import WarmConfig, run_warm
 from .warm import table as warm_table
 from .workspace import measure_workspace, workspace_line
@@ -118,6 +127,7 @@ async def measure_kinds(cfg: Config, kernels: Kernels, log: Any) -> dict[str, di
                 live[kind] = (km, kc)
         log(f"start {i + 1}/{cfg.starts}: " + last_samples(raw, "start"))
     cpu = {kind: {"rtt": MachineCPU(), "throughput": MachineCPU()} for kind in kinds}
+    await settle()
     for kind in kinds:
         raw[kind]["rtt"] = []
         await rtts(live[kind][1], 0, cfg.rtt_warmup)
