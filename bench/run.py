@@ -157,8 +157,8 @@ async def measure_kinds(cfg: Config, kernels: Kernels, log: Any) -> dict[str, di
         if instance_id is not None and not _instance_deleted(instance_id):
             raise RuntimeError(f"instance {instance_id} outlived its kernel's shutdown")
     log("shutdown: " + last_samples(raw, "shutdown"))
+    megabytes = cfg.megabytes * 1.048576 * cfg.throughput_runs  # MiB per run, in MB
     for kind in kinds:
-        megabytes = cfg.megabytes * 1.048576 * cfg.throughput_runs
         raw[kind]["cpu"] = {
             "rtt_ms": round(cpu[kind]["rtt"].busy / len(raw[kind]["rtt"]) * 1000, 3),
             "throughput_ms_per_mb": round(cpu[kind]["throughput"].busy / megabytes * 1000, 3),

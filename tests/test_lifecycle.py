@@ -219,7 +219,7 @@ def test_a_standby_closed_while_its_kernel_settles_leaves_without_importing():
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # every import, on stderr
     standby = subprocess.Popen(
-        ["sh", "-c", Standby.command(sys.executable, after=busy.pid)],
+        ["sh", "-c", "exec " + Standby.command(sys.executable, after=busy.pid)],  # one pid
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
